@@ -1,0 +1,194 @@
+"""Typed wrappers of the bwrf_ext ops, with their fake (meta) and autograd registrations.
+
+Three layers, as in flash-attention: the kernels (csrc/, registered as torch.ops.bwrf_ext.*), the
+autograd op (registered here), and the user-facing functions below. Without the compiled library
+the same functions run bwrf_ext.reference under a torch.autograd.Function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bwrf_ext import reference
+from bwrf_ext._backend import compiled
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def check_lsq_args(
+    op: str,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    grad_factor: float,
+    axis: int | None,
+) -> None:
+    """Raises a clear error for arguments the LSQ ops reject (same rules as the C++ checks)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {got}")
+    if not isinstance(scale, torch.Tensor) or scale.dtype not in _FLOAT_DTYPES:
+        got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise TypeError(f"{op}: scale must be float32, float16 or bfloat16, got {got}")
+    if scale.device != x.device:
+        raise ValueError(f"{op}: scale must be on x's device {x.device}, got {scale.device}")
+    if not (_INT32[0] <= qmin and qmax <= _INT32[1]):
+        raise ValueError(f"{op}: qmin and qmax must fit in int32, got qmin={qmin}, qmax={qmax}")
+    if not qmin < qmax:
+        raise ValueError(f"{op}: qmin must be < qmax, got qmin={qmin}, qmax={qmax}")
+    if not (math.isfinite(grad_factor) and grad_factor >= 0):
+        raise ValueError(f"{op}: grad_factor must be a finite number >= 0, got {grad_factor}")
+    if axis is None:
+        if scale.numel() != 1 or scale.dim() > 1:
+            raise ValueError(
+                f"{op}: per-tensor scale (axis=None) must have shape () or (1,), "
+                f"got {tuple(scale.shape)}"
+            )
+        return
+    ndim = x.dim()
+    if ndim == 0 or not -ndim <= axis < ndim:
+        raise IndexError(
+            f"{op}: axis must be in [{-ndim}, {ndim - 1}] for x of shape {tuple(x.shape)}, "
+            f"got {axis}"
+        )
+    channels = x.shape[axis]
+    if scale.dim() != 1 or scale.shape[0] != channels:
+        raise ValueError(
+            f"{op}: per-channel scale must have shape ({channels},) = (x.shape[{axis % ndim}],), "
+            f"got {tuple(scale.shape)}"
+        )
+
+
+if compiled is not None:
+
+    @torch.library.register_fake("bwrf_ext::lsq_fake_quant")
+    def _lsq_fake_quant_fake(x, scale, qmin, qmax, grad_factor, axis=None, clip_before_round=False):
+        check_lsq_args("lsq_fake_quant", x, scale, qmin, qmax, grad_factor, axis)
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("bwrf_ext::lsq_fake_quant_backward")
+    def _lsq_fake_quant_backward_fake(
+        grad_y, x, scale, qmin, qmax, grad_factor, axis=None, clip_before_round=False
+    ):
+        check_lsq_args("lsq_fake_quant_backward", x, scale, qmin, qmax, grad_factor, axis)
+        torch._check(grad_y.shape == x.shape, lambda: "grad_y must have x's shape")
+        return torch.empty_like(x), torch.empty(scale.shape, dtype=scale.dtype, device=x.device)
+
+    def _setup_context(ctx, inputs, output):
+        x, scale, qmin, qmax, grad_factor, axis, clip_before_round = inputs
+        ctx.save_for_backward(x, scale)
+        ctx.params = (qmin, qmax, grad_factor, axis, clip_before_round)
+
+    def _backward(ctx, grad_y):
+        x, scale = ctx.saved_tensors
+        grad_x, grad_scale = torch.ops.bwrf_ext.lsq_fake_quant_backward(
+            grad_y, x, scale, *ctx.params
+        )
+        return grad_x, grad_scale, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "bwrf_ext::lsq_fake_quant", _backward, setup_context=_setup_context
+    )
+
+else:
+
+    class _ReferenceLSQFakeQuant(torch.autograd.Function):
+        """The fallback: reference forward and backward wired together by autograd."""
+
+        @staticmethod
+        def forward(ctx, x, scale, qmin, qmax, grad_factor, axis, clip_before_round):
+            ctx.save_for_backward(x, scale)
+            ctx.params = (qmin, qmax, grad_factor, axis, clip_before_round)
+            return reference.lsq_fake_quant(x, scale, qmin, qmax, axis, clip_before_round)
+
+        @staticmethod
+        def backward(ctx, grad_y):
+            x, scale = ctx.saved_tensors
+            grad_x, grad_scale = reference.lsq_fake_quant_backward(
+                grad_y, x, scale, *ctx.params
+            )
+            return grad_x, grad_scale, None, None, None, None, None
+
+
+def lsq_fake_quant(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    grad_factor: float,
+    axis: int | None = None,
+    *,
+    clip_before_round: bool = False,
+) -> torch.Tensor:
+    """LSQ fake quantization with a learnable step size, fused forward and backward.
+
+    ``y = clamp(round(x * (1/s)), qmin, qmax) * s``, rounding half to even, computed in fp32 and
+    returned in x's dtype and layout (contiguous and channels_last are kept; other strided inputs
+    give a dense output). Forward values equal ``torch._fake_quantize_learnable_per_tensor_affine``
+    / ``_per_channel_affine`` with zero_point 0, bit for bit, for |qmin|, |qmax| <= 2**24.
+
+    Backward: grad_x is grad_y where round(x/s) lies in [qmin, qmax] (straight-through), else 0;
+    grad_scale sums ``grad_y * (round(x/s) - x/s)`` inside the range and ``grad_y * qmin`` /
+    ``grad_y * qmax`` below / above it over each scale's elements, in fp32, deterministically,
+    then multiplies by grad_factor.
+
+    Step sizes <= 0 (and NaN) are replaced by the smallest normal fp32 number (about 1.2e-38), so
+    a finite x never yields NaN or inf: x becomes 0 or is clipped to qmin*s / qmax*s. Keeping s
+    positive is the caller's job (``bwrf_ext.LSQQuantizer`` does it). A NaN in x gives NaN in y and
+    in grad_scale, so bad inputs stay visible.
+
+    Args:
+        x: (any shape) float32, float16 or bfloat16.
+        scale: step size, float32/float16/bfloat16 on x's device: shape () or (1,) when axis is
+            None, else (x.shape[axis],).
+        qmin, qmax: integer clipping bounds, qmin < qmax, both within int32 (for b bits:
+            signed -2**(b-1), 2**(b-1)-1; unsigned 0, 2**b-1).
+        grad_factor: >= 0; LSQ uses 1/sqrt(N * qmax), N the number of elements per scale.
+        axis: None for one scale, else the channel dimension (negative values count from the end).
+        clip_before_round: the LSQ paper's clip test on x/s before rounding (affects the backward
+            only); default False is PyTorch's test after rounding.
+
+    Returns:
+        Tensor of x's shape and dtype.
+    """
+    check_lsq_args("lsq_fake_quant", x, scale, qmin, qmax, grad_factor, axis)
+    if compiled is not None:
+        return torch.ops.bwrf_ext.lsq_fake_quant(
+            x, scale, qmin, qmax, grad_factor, axis, clip_before_round
+        )
+    return _ReferenceLSQFakeQuant.apply(x, scale, qmin, qmax, grad_factor, axis, clip_before_round)
+
+
+def lsq_fake_quant_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    grad_factor: float,
+    axis: int | None = None,
+    *,
+    clip_before_round: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused backward of :func:`lsq_fake_quant` on its own.
+
+    Returns:
+        (grad_x, grad_scale): grad_x like x; grad_scale with scale's shape and dtype.
+    """
+    check_lsq_args("lsq_fake_quant_backward", x, scale, qmin, qmax, grad_factor, axis)
+    if grad_y.shape != x.shape:
+        raise ValueError(
+            f"lsq_fake_quant_backward: grad_y must have x's shape {tuple(x.shape)}, "
+            f"got {tuple(grad_y.shape)}"
+        )
+    if compiled is not None:
+        return torch.ops.bwrf_ext.lsq_fake_quant_backward(
+            grad_y, x, scale, qmin, qmax, grad_factor, axis, clip_before_round
+        )
+    return reference.lsq_fake_quant_backward(
+        grad_y, x, scale, qmin, qmax, grad_factor, axis, clip_before_round
+    )
