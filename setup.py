@@ -14,8 +14,9 @@ import sys
 
 from setuptools import find_packages, setup
 
-# Volta to Hopper: what users run QAT on. sm_100/120 users set TORCH_CUDA_ARCH_LIST themselves.
-DEFAULT_CUDA_ARCHS = "7.0;8.0;8.6;9.0+PTX"
+# Turing (T4), Ampere (8.x runs sm_80 code) and Hopper, plus PTX that newer GPUs compile at load.
+# CUDA 13 dropped Volta (7.0).
+DEFAULT_CUDA_ARCHS = "7.5;8.0;9.0+PTX"
 
 
 def _is_toolkit(prefix):
@@ -37,6 +38,19 @@ def find_cuda_home():
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
     return next((c for c in candidates if _is_toolkit(c)), None)
+
+
+def pip_cuda_include_dirs(cuda_home):
+    """Headers torch's CUDA headers need but a minimal toolkit lacks (cusparse.h, cublas_v2.h):
+    the nvidia-* wheels that come with torch ship them under site-packages/nvidia/*/include."""
+    if os.path.isfile(os.path.join(cuda_home, "include", "cusparse.h")):
+        return []
+    found = {
+        os.path.dirname(h)
+        for p in sys.path
+        for h in glob.glob(os.path.join(p, "nvidia", "*", "include", "cusparse.h"))
+    }
+    return sorted(found)
 
 
 def _flag(name):
@@ -76,6 +90,7 @@ if with_cuda:
     extension = CUDAExtension(
         "bwrf_ext._C",
         sources,
+        include_dirs=pip_cuda_include_dirs(cuda_home),
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=false"]},
         **extension_kwargs,
     )

@@ -74,7 +74,7 @@ def lsq_fake_quant_backward(
     if axis is None:
         grad_scale = per_element.sum()
     else:
-        dim = axis % x.dim()
-        grad_scale = per_element.sum(dim=[d for d in range(x.dim()) if d != dim])
+        channels = x.shape[axis]  # movedim, not sum(dim=[...]): an empty dim list sums everything
+        grad_scale = per_element.movedim(axis, 0).reshape(channels, -1).sum(dim=1)
     grad_scale = (grad_scale * grad_factor).reshape(scale.shape).to(scale.dtype)
     return grad_x, grad_scale

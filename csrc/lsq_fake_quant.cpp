@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 namespace bwrf_ext {
 namespace {
@@ -14,14 +15,28 @@ bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
 
+// Shapes and dtypes written as Python writes them, so the C++ and Python errors read the same.
+std::string py_shape(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(sizes[i]);
+  }
+  return out + (sizes.size() == 1 ? ",)" : ")");
+}
+
+std::string py_dtype(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
 // Validates everything but the data and returns the layout parameters for a dense x.
 LsqParams check_args(const char* op, const at::Tensor& x, const at::Tensor& scale, int64_t qmin,
                      int64_t qmax, double grad_factor, std::optional<int64_t> axis,
                      bool clip_before_round) {
   TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), op,
-                   ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+                   ": x must be float32, float16 or bfloat16, got ", py_dtype(x.scalar_type()));
   TORCH_CHECK_TYPE(is_supported_float(scale.scalar_type()), op,
-                   ": scale must be float32, float16 or bfloat16, got ", scale.scalar_type());
+                   ": scale must be float32, float16 or bfloat16, got ",
+                   py_dtype(scale.scalar_type()));
   TORCH_CHECK_VALUE(scale.device() == x.device(), op, ": scale must be on x's device ",
                     x.device(), ", got ", scale.device());
   constexpr int64_t int32_min = std::numeric_limits<int32_t>::min();
@@ -41,7 +56,7 @@ LsqParams check_args(const char* op, const at::Tensor& x, const at::Tensor& scal
   if (!axis.has_value()) {
     TORCH_CHECK_VALUE(scale.numel() == 1 && scale.dim() <= 1, op,
                       ": per-tensor scale (axis=None) must have shape () or (1,), got ",
-                      scale.sizes());
+                      py_shape(scale.sizes()));
     p.outer = 1;
     p.channels = 1;
     p.inner = p.numel;
@@ -49,12 +64,12 @@ LsqParams check_args(const char* op, const at::Tensor& x, const at::Tensor& scal
   }
   const int64_t ndim = x.dim();
   TORCH_CHECK_INDEX(*axis >= -ndim && *axis < ndim && ndim > 0, op, ": axis must be in [",
-                    -ndim, ", ", ndim - 1, "] for x of shape ", x.sizes(), ", got ", *axis);
+                    -ndim, ", ", ndim - 1, "] for x of shape ", py_shape(x.sizes()), ", got ", *axis);
   const int64_t dim = *axis < 0 ? *axis + ndim : *axis;
   const int64_t channels = x.size(dim);
   TORCH_CHECK_VALUE(scale.dim() == 1 && scale.size(0) == channels, op,
                     ": per-channel scale must have shape (", channels, ",) = (x.shape[", dim,
-                    "],), got ", scale.sizes());
+                    "],), got ", py_shape(scale.sizes()));
   p.channels = channels;
   if (p.numel == 0) {
     p.outer = 0;
@@ -105,11 +120,11 @@ std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_backward(
   const LsqParams p = check_args("lsq_fake_quant_backward", xd, scale, qmin, qmax, grad_factor,
                                  axis, clip_before_round);
   TORCH_CHECK_VALUE(grad_y.sizes() == x.sizes(),
-                    "lsq_fake_quant_backward: grad_y must have x's shape ", x.sizes(), ", got ",
-                    grad_y.sizes());
+                    "lsq_fake_quant_backward: grad_y must have x's shape ", py_shape(x.sizes()),
+                    ", got ", py_shape(grad_y.sizes()));
   TORCH_CHECK_TYPE(grad_y.scalar_type() == x.scalar_type(),
-                   "lsq_fake_quant_backward: grad_y must have x's dtype ", x.scalar_type(),
-                   ", got ", grad_y.scalar_type());
+                   "lsq_fake_quant_backward: grad_y must have x's dtype ", py_dtype(x.scalar_type()),
+                   ", got ", py_dtype(grad_y.scalar_type()));
   TORCH_CHECK_VALUE(grad_y.device() == x.device(),
                     "lsq_fake_quant_backward: grad_y must be on x's device ", x.device(),
                     ", got ", grad_y.device());
