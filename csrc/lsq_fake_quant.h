@@ -1,6 +1,7 @@
 // Device-independent part of the LSQ fake-quant ops: argument checks, memory layout, drivers.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/Tensor.h>
 
 #include <cstdint>
@@ -34,6 +35,12 @@ using LsqForwardKernel = void (*)(const at::Tensor& x, const at::Tensor& scale, 
 using LsqBackwardKernel = void (*)(const at::Tensor& grad_y, const at::Tensor& x,
                                    const at::Tensor& scale, at::Tensor& grad_x,
                                    at::Tensor& grad_scale, const LsqParams& p);
+
+// The dtypes the drivers let through: kernels are built for these three only.
+#define LSQ_DISPATCH(TYPE, NAME, ...)                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)          \
+                             AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // Checks the arguments, lays out the inputs densely and calls the device kernel.
 at::Tensor lsq_fake_quant_forward(const at::Tensor& x, const at::Tensor& scale, int64_t qmin,

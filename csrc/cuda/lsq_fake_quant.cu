@@ -50,12 +50,6 @@ void with_vec(bool vectorised, F&& f) {
   if (vectorised) f(std::integral_constant<int, kVec>{}); else f(std::integral_constant<int, 1>{});
 }
 
-// The dtypes the driver lets through (no double: fewer kernels to build).
-#define LSQ_DISPATCH(TYPE, NAME, ...)                                       \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
 // V elements moved by one 16-byte (or narrower when V == 1) load/store.
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Vec { T v[V]; };
