@@ -1,0 +1,1 @@
+"""Benchmarks of bwrf_ext: pytest-benchmark timings and scripts that print ratio tables."""

@@ -1,0 +1,361 @@
+"""Times bwrf_ext.lsq_fake_quant side by side with its alternatives and writes the ratio table.
+
+Usage: ``python benchmarks/lsq_ratios.py [--device cpu|cuda] [--quick] [--out STEM]``.
+
+Every (size, dtype, mode) case times five implementations in one process, interleaved in rounds
+so that drift hits them alike, with ``torch.utils.benchmark.Timer.blocked_autorange`` (which
+synchronizes CUDA around each block), and reports medians:
+
+- ``ours``: ``bwrf_ext.lsq_fake_quant`` (compiled kernels, or the reference when not built);
+- ``eager``: the composite LSQ most research code uses (grad_scale + round_pass, below);
+- ``learnable``: ``torch._fake_quantize_learnable_per_tensor_affine`` with zero_point 0;
+- ``compile``: ``torch.compile(composite, dynamic=False)``;
+- ``clone``: ``x.clone()``, an out-of-place op of the same size with its allocation: the
+  bandwidth limit for an op that returns a new tensor. In fwd+bwd its backward copies grad_y into
+  x.grad (autograd's AccumulateGrad cannot steal a grad_y we keep): two out-of-place passes, a
+  lower bound on the traffic of any fwd+bwd that returns new y and grad_x tensors.
+
+``fwd`` is the training forward: x and scale require grad, so each implementation also saves what
+its backward needs. ``fwd+bwd`` adds ``y.backward(grad_y)`` with a fixed grad_y and the .grad of x
+and scale set to None before every call. Per-tensor signed 4-bit (qmin=-8, qmax=7), scale at the
+LSQ init 2*mean|x|/sqrt(qmax), grad_factor 1/sqrt(numel*qmax). Ratios are ours / other: below 1
+ours is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+if importlib.util.find_spec("bwrf_ext") is None:  # run from a checkout before `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils import benchmark as torch_benchmark  # noqa: E402
+
+import bwrf_ext  # noqa: E402
+
+QMIN, QMAX = -8, 7
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MODES = ("fwd", "fwd+bwd")
+ALTERNATIVES = ("eager", "learnable", "compile")  # what "best alternative" is chosen from
+BUSY_SHARE = 0.05  # other processes' CPU share above which the table flags the timings
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmarked tensor: a size label, its shape and dtype."""
+
+    size: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        """E.g. ``"16M fp32"``; also the pytest id."""
+        return f"{self.size} {str(self.dtype).removeprefix('torch.').replace('float', 'fp')}"
+
+
+CASES = (
+    Case("16K", (128, 128), torch.float32),  # a weight tensor (the largest ResNet-20 conv is 37K)
+    Case("1M", (64, 16, 32, 32), torch.float32),  # an activation: batch 64, 16 channels, 32x32
+    Case("16M", (256, 64, 32, 32), torch.float32),
+    Case("1M", (64, 16, 32, 32), torch.float16),
+)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """Leaf tensors of one case: x (case shape), scale (1,) in x's dtype, a fixed grad_y."""
+
+    x: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor  # fp32 (1,) zeros, only for torch's learnable op
+    grad_y: torch.Tensor
+    grad_factor: float
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
+    """Random normal x and grad_y (same values on every device), scale at the LSQ init."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.shape, generator=gen).to(device, case.dtype)
+    grad_y = torch.randn(case.shape, generator=gen).to(device, case.dtype)
+    # A (1,) scale, not (): torch's learnable op rejects 0-dim scales. Same dtype as x, so the
+    # composite's x / s stays in x's dtype (an fp32 (1,) tensor would promote y to fp32).
+    scale = (2 * x.float().abs().mean() / math.sqrt(QMAX)).to(case.dtype).reshape(1)
+    return Inputs(
+        x=x.requires_grad_(),
+        scale=scale.requires_grad_(),
+        zero_point=torch.zeros(1, device=device),
+        grad_y=grad_y,
+        grad_factor=1.0 / math.sqrt(x.numel() * QMAX),
+    )
+
+
+def grad_scale(s: torch.Tensor, g: float) -> torch.Tensor:
+    """Value s, gradient scaled by g (the LSQ paper's gradient scale)."""
+    return (s - s * g).detach() + s * g
+
+
+def round_pass(v: torch.Tensor) -> torch.Tensor:
+    """Value round(v), gradient straight through."""
+    return (v.round() - v).detach() + v
+
+
+def lsq_composite(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, g: float) -> torch.Tensor:
+    """Eager composite LSQ as research code writes it (clips x/s before rounding)."""
+    s = grad_scale(s, g)
+    return round_pass((x / s).clamp(qmin, qmax)) * s
+
+
+# One compiled callable for the whole process: dynamo caches a graph per (shape, dtype), so the
+# four cases cost four compilations whichever mode runs first.
+compiled_composite = torch.compile(lsq_composite, dynamic=False)
+
+IMPLS: dict[str, Callable[[Inputs], torch.Tensor]] = {
+    "ours": lambda i: bwrf_ext.lsq_fake_quant(i.x, i.scale, QMIN, QMAX, i.grad_factor),
+    "eager": lambda i: lsq_composite(i.x, i.scale, QMIN, QMAX, i.grad_factor),
+    "learnable": lambda i: torch._fake_quantize_learnable_per_tensor_affine(
+        i.x, i.scale, i.zero_point, QMIN, QMAX, i.grad_factor
+    ),
+    "compile": lambda i: compiled_composite(i.x, i.scale, QMIN, QMAX, i.grad_factor),
+    "clone": lambda i: i.x.clone(),
+}
+
+
+def unsupported(impl: str, case: Case, mode: str) -> str | None:
+    """Why an implementation cannot run a case, or None when it can."""
+    if impl == "learnable" and mode == "fwd+bwd" and case.dtype != torch.float32:
+        return "torch's learnable fake-quant backward takes fp32 only"
+    return None
+
+
+def make_step(
+    impl: Callable[[Inputs], torch.Tensor], inputs: Inputs, mode: str
+) -> Callable[[], torch.Tensor]:
+    """The timed callable: one forward, or forward + backward; returns y.
+
+    Returns:
+        A function of no arguments; after a fwd+bwd call x.grad and scale.grad hold the result.
+    """
+    if mode == "fwd":
+        return lambda: impl(inputs)
+
+    def fwd_bwd() -> torch.Tensor:
+        inputs.x.grad = None
+        inputs.scale.grad = None
+        y = impl(inputs)
+        y.backward(inputs.grad_y)
+        return y
+
+    return fwd_bwd
+
+
+def time_case(
+    case: Case, mode: str, device: torch.device, min_run_time: float, rounds: int
+) -> dict:
+    """Median seconds per call of every implementation on one case, measured interleaved."""
+    inputs = make_inputs(case, device)
+    timers, notes = {}, {}
+    for name, impl in IMPLS.items():
+        notes[name] = unsupported(name, case, mode)
+        if notes[name] is not None:
+            continue
+        step = make_step(impl, inputs, mode)
+        step()  # warm-up: compiles, fills the caching allocator
+        timers[name] = torch_benchmark.Timer(
+            "step()",
+            globals={"step": step},
+            label="lsq_fake_quant",
+            sub_label=f"{case.name} {mode}",
+            description=name,
+            num_threads=torch.get_num_threads(),  # Timer's default would time on 1 thread
+        )
+    runs: dict[str, list] = {name: [] for name in timers}
+    before = _cpu_clocks()
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            runs[name].append(timer.blocked_autorange(min_run_time=min_run_time))
+    others_share = _others_share(before, _cpu_clocks())
+    medians = {
+        name: (torch_benchmark.Measurement.merge(runs[name])[0].median if name in runs else None)
+        for name in IMPLS
+    }
+    ours = medians["ours"]
+    present = [n for n in ALTERNATIVES if medians[n] is not None]
+    best = min(present, key=lambda n: medians[n])
+    ratios = {"best": ours / medians[best]}
+    ratios.update({n: (ours / m if m is not None else None) for n, m in medians.items()})
+    del ratios["ours"]
+    return {
+        "case": case.name,
+        "size": case.size,
+        "shape": list(case.shape),
+        "dtype": str(case.dtype).removeprefix("torch."),
+        "mode": mode,
+        "median_s": medians,
+        "best_alternative": best,
+        "ours_over": ratios,
+        "notes": {n: v for n, v in notes.items() if v is not None},
+        "other_processes_cpu_share": others_share,
+    }
+
+
+def device_description(device: torch.device) -> tuple[str, str]:
+    """(file-name tag, human description) of the device, e.g. ("cpu-2core", "AMD EPYC")."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(s.split(":", 1)[1].strip() for s in f if s.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu-{len(os.sched_getaffinity(0))}core", model
+
+
+def _cpu_clocks() -> tuple[float, float, float | None]:
+    """(wall, this process's CPU seconds, all processes' CPU seconds from /proc/stat or None)."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _, _, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        machine = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        machine = None
+    return time.perf_counter(), time.process_time(), machine
+
+
+def _others_share(start: tuple, end: tuple) -> float | None:
+    """Share of the machine's CPU time other processes used between two ``_cpu_clocks()``.
+
+    Another process on these cores stalls every OpenMP barrier (a 16K op then takes ms), so a
+    share above a few percent makes CPU timings unreliable.
+    """
+    if start[2] is None or end[2] is None:
+        return None
+    others = (end[2] - start[2]) - (end[1] - start[1])
+    return max(0.0, others / ((end[0] - start[0]) * (os.cpu_count() or 1)))
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def _fmt_ratio(ratio: float | None) -> str:
+    if ratio is None:
+        return "n/a"
+    return f"{ratio:.2f}" if ratio >= 0.1 else f"{ratio:.2g}"
+
+
+def to_markdown(meta: dict, rows: list[dict]) -> str:
+    """The header and one table row per (size, dtype, mode): medians, then ours / other."""
+    names = list(IMPLS)
+    others = [n for n in names if n != "ours"]
+    shares = [r["other_processes_cpu_share"] for r in rows]
+    share = None if None in shares else max(shares)
+    busy = meta["device"].startswith("cpu") and share is not None and share > BUSY_SHARE
+    lines = [
+        "# lsq_fake_quant: ours vs alternatives (medians, side by side in one run)",
+        "",
+        f"- bwrf_ext backend: **{meta['backend']}**; torch {meta['torch']}; {meta['date']}",
+        f"- device: {meta['device']} ({meta['device_name']}), {meta['threads']} threads"
+        + (" (quick mode: short timings)" if meta["quick"] else ""),
+        "- most CPU time other processes took while a case was timed: "
+        + ("unknown" if share is None else f"{share:.0%}")
+        + (" **(busy machine: CPU timings unreliable)**" if busy else ""),
+        f"- per-tensor qmin={QMIN}, qmax={QMAX}; fwd = training forward (inputs require grad); "
+        "ratios are ours / other, < 1 means ours is faster",
+        "",
+        "| case | mode | "
+        + " | ".join(names)
+        + " | ours/best alt | "
+        + " | ".join(f"ours/{n}" for n in others)
+        + " |",
+        "|---|---|" + "---:|" * (2 * len(names)),
+    ]
+    for r in rows:
+        ratios = r["ours_over"]
+        cells = [_fmt_time(r["median_s"][n]) for n in names]
+        cells.append(f"{_fmt_ratio(ratios['best'])} ({r['best_alternative']})")
+        cells += [_fmt_ratio(ratios[n]) for n in others]
+        flag = busy and (r["other_processes_cpu_share"] or 0) > BUSY_SHARE
+        case = f"{r['case']}{' (busy)' if flag else ''}"
+        lines.append(f"| {case} | {r['mode']} | " + " | ".join(cells) + " |")
+    notes = sorted({f"{n}: {v}" for r in rows for n, v in r["notes"].items()})
+    lines += [""] + [f"- n/a {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parses the command line, times every case, prints the table, writes .json and .md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="default: cuda when available, else cpu",
+    )
+    parser.add_argument("--quick", action="store_true", help="short timings (a smoke run)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output path without extension; default "
+        "benchmarks/results/lsq_ratios_<device>[-quick]",
+    )
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tag, device_name = device_description(device)
+    min_run_time, rounds = (0.03, 2) if args.quick else (0.4, 5)
+    info = bwrf_ext.build_info()
+    meta = {
+        "backend": info["backend"],
+        "build_info": info,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": tag,
+        "device_name": device_name,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "min_run_time_s": min_run_time,
+        "rounds": rounds,
+        "qmin": QMIN,
+        "qmax": QMAX,
+    }
+    print(
+        f"bwrf_ext backend: {info['backend']} | {device_name} | {meta['threads']} threads",
+        flush=True,
+    )
+    rows = []
+    for case in CASES:
+        for mode in MODES:
+            rows.append(time_case(case, mode, device, min_run_time, rounds))
+            print(f"  timed {case.name} {mode}", flush=True)
+    table = to_markdown(meta, rows)
+    print(table)
+    stem = args.out or RESULTS_DIR / f"lsq_ratios_{tag}{'-quick' if args.quick else ''}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(table)
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
