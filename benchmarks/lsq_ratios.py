@@ -7,7 +7,8 @@ so that drift hits them alike, with ``torch.utils.benchmark.Timer.blocked_autora
 synchronizes CUDA around each block), and reports medians:
 
 - ``ours``: ``bwrf_ext.lsq_fake_quant`` (compiled kernels, or the reference when not built);
-- ``eager``: the composite LSQ most research code uses (grad_scale + round_pass, below);
+- ``eager``: the composite LSQ most research code uses (grad_scale + round_pass chain,
+  ``bwrf_ext.nn.composite_lsq_fake_quant``);
 - ``learnable``: ``torch._fake_quantize_learnable_per_tensor_affine`` with zero_point 0;
 - ``compile``: ``torch.compile(composite, dynamic=False)``;
 - ``clone``: ``x.clone()``, an out-of-place op of the same size with its allocation: the
@@ -45,6 +46,7 @@ import torch  # noqa: E402
 from torch.utils import benchmark as torch_benchmark  # noqa: E402
 
 import bwrf_ext  # noqa: E402
+from bwrf_ext.nn.quantizer import composite_lsq_fake_quant  # noqa: E402
 
 QMIN, QMAX = -8, 7
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -103,29 +105,11 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
     )
 
 
-def grad_scale(s: torch.Tensor, g: float) -> torch.Tensor:
-    """Value s, gradient scaled by g (the LSQ paper's gradient scale)."""
-    return (s - s * g).detach() + s * g
-
-
-def round_pass(v: torch.Tensor) -> torch.Tensor:
-    """Value round(v), gradient straight through."""
-    return (v.round() - v).detach() + v
-
-
-def lsq_composite(x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, g: float) -> torch.Tensor:
-    """Eager composite LSQ as research code writes it (clips x/s before rounding)."""
-    s = grad_scale(s, g)
-    return round_pass((x / s).clamp(qmin, qmax)) * s
-
-
-# One compiled callable for the whole process: dynamo caches a graph per (shape, dtype), so the
-# four cases cost four compilations whichever mode runs first.
-compiled_composite = torch.compile(lsq_composite, dynamic=False)
+compiled_composite = torch.compile(composite_lsq_fake_quant, dynamic=False)
 
 IMPLS: dict[str, Callable[[Inputs], torch.Tensor]] = {
     "ours": lambda i: bwrf_ext.lsq_fake_quant(i.x, i.scale, QMIN, QMAX, i.grad_factor),
-    "eager": lambda i: lsq_composite(i.x, i.scale, QMIN, QMAX, i.grad_factor),
+    "eager": lambda i: composite_lsq_fake_quant(i.x, i.scale, QMIN, QMAX, i.grad_factor),
     "learnable": lambda i: torch._fake_quantize_learnable_per_tensor_affine(
         i.x, i.scale, i.zero_point, QMIN, QMAX, i.grad_factor
     ),

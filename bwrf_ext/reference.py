@@ -45,7 +45,7 @@ def lsq_fake_quant(
     """
     del clip_before_round
     s, _, q = _quantize(x, scale, axis)
-    return (torch.clamp(q, qmin, qmax) * s).to(x.dtype)  # torch.clamp propagates NaN, like the kernels
+    return (torch.clamp(q, qmin, qmax) * s).to(x.dtype)  # clamp keeps NaN, like the kernels
 
 
 def lsq_fake_quant_backward(

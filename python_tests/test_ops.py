@@ -1,4 +1,4 @@
-"""Tests of the fused LSQ fake-quant op against PyTorch's own learnable fake-quant and the reference.
+"""The fused LSQ fake-quant op against PyTorch's own learnable fake-quant and the reference.
 
 Run twice by `make test`: with the compiled kernels, and with BWRF_EXT_FORCE_REFERENCE=1 (the
 fallback a user without a compiler gets). CUDA tests run whenever a GPU is present.

@@ -1,0 +1,200 @@
+"""Times one QAT training step of ResNet-20 (float, ours, eager composite) and prints the ratios.
+
+Usage: ``python benchmarks/qat_step_ratios.py [--device cpu|cuda] [--quick] [--out STEM]``.
+
+One step = zero_grad, forward, cross-entropy, backward, SGD (momentum 0.9) step, batch 128 of
+random 3x32x32 inputs, model in train mode. Variants, built from the same initial weights:
+
+- ``float``: the full-precision ResNet-20;
+- ``ours``: ``bwrf_ext.quantize_model(model, w_bits=4, a_bits=4)`` (W4A4, first conv and last
+  linear 8-bit), quantizers running the fused ``bwrf_ext.lsq_fake_quant``;
+- ``composite``: the same layers with ``QuantConfig(impl="composite")``, the eager research-code
+  LSQ (grad_scale + round_pass chain of ATen ops).
+
+The variants are timed interleaved in rounds (drift hits them alike) with
+``torch.utils.benchmark.Timer.blocked_autorange``; the table gives medians and ours / other.
+Target: ours / float <= 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+if importlib.util.find_spec("bwrf_ext") is None:  # run from a checkout before `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils import benchmark as torch_benchmark  # noqa: E402
+
+import bwrf_ext  # noqa: E402
+from benchmarks.lsq_ratios import device_description  # noqa: E402
+from bwrf_ext.models import resnet20  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BATCH = 128
+W_BITS = A_BITS = 4
+TARGET_OURS_OVER_FLOAT = 1.3
+VARIANTS = ("ours", "float", "composite")
+
+
+def build_model(variant: str, device: torch.device, seed: int = 0) -> nn.Module:
+    """ResNet-20 with the same initial weights for every variant, converted as the variant says."""
+    torch.manual_seed(seed)
+    model = resnet20().to(device)
+    if variant == "float":
+        return model
+    if variant == "ours":
+        config = bwrf_ext.QuantConfig()
+    elif variant == "composite":
+        # The composite clamps x/s before rounding, so it needs the paper's clip test.
+        config = bwrf_ext.QuantConfig(impl="composite", clip_before_round=True)
+    else:
+        raise ValueError(f"build_model: variant must be one of {VARIANTS}, got {variant!r}")
+    return bwrf_ext.quantize_model(model, W_BITS, A_BITS, config=config, inplace=True)
+
+
+@dataclasses.dataclass
+class QatStep:
+    """One training step on fixed data; calling it returns the loss (a 0-dim tensor)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __call__(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+def make_step(variant: str, device: torch.device, batch: int = BATCH) -> QatStep:
+    """A QatStep whose quantizers are initialised (one forward on the batch), not yet stepped."""
+    model = build_model(variant, device).train()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    with torch.no_grad():
+        model(x)  # LSQ init of the activation step sizes, outside the timed steps
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    return QatStep(model, optimizer, x, y)
+
+
+def time_variants(device: torch.device, min_run_time: float, rounds: int) -> dict[str, float]:
+    """Median seconds per step of every variant, measured interleaved."""
+    timers: dict[str, torch_benchmark.Timer] = {}
+    for variant in VARIANTS:
+        step: Callable[[], torch.Tensor] = make_step(variant, device)
+        step()  # warm-up: fills the caching allocator and the optimizer state
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timers[variant] = torch_benchmark.Timer(
+            "step()",
+            globals={"step": step},
+            label="qat_step",
+            description=variant,
+            num_threads=torch.get_num_threads(),  # Timer's default would time on 1 thread
+        )
+    runs: dict[str, list] = {v: [] for v in VARIANTS}
+    for _ in range(rounds):
+        for variant, timer in timers.items():
+            runs[variant].append(timer.blocked_autorange(min_run_time=min_run_time))
+    return {v: torch_benchmark.Measurement.merge(runs[v])[0].median for v in VARIANTS}
+
+
+def to_markdown(meta: dict, medians: dict[str, float]) -> str:
+    """The header, one row per variant (median, img/s, ours / variant) and the target verdict."""
+    ours = medians["ours"]
+    verdict = "met" if ours / medians["float"] <= TARGET_OURS_OVER_FLOAT else "NOT met"
+    lines = [
+        f"# QAT step, ResNet-20 W{W_BITS}A{A_BITS}, batch {BATCH} (medians, one run)",
+        "",
+        f"- bwrf_ext backend: **{meta['backend']}**; torch {meta['torch']}; {meta['date']}",
+        f"- device: {meta['device']} ({meta['device_name']}), {meta['threads']} threads"
+        + (" (quick mode: short timings)" if meta["quick"] else ""),
+        "- step: forward + cross-entropy + backward + SGD step, train mode; first conv and "
+        "last linear 8-bit",
+        "",
+        "| variant | median step | images/s | ours / variant |",
+        "|---|---:|---:|---:|",
+    ]
+    for variant, seconds in medians.items():
+        lines.append(
+            f"| {variant} | {seconds * 1e3:.1f} ms | {BATCH / seconds:.0f} | {ours / seconds:.2f} |"
+        )
+    lines += [
+        "",
+        f"Target ours / float <= {TARGET_OURS_OVER_FLOAT}: **{verdict}** "
+        f"({ours / medians['float']:.2f}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parses the command line, times the variants, prints the table, writes .json and .md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available"
+    )
+    parser.add_argument("--quick", action="store_true", help="short timings (a smoke run)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output path without extension; default "
+        "benchmarks/results/qat_step_ratios_<device>[-quick]",
+    )
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tag, device_name = device_description(device)
+    min_run_time, rounds = (0.3, 2) if args.quick else (2.0, 5)
+    info = bwrf_ext.build_info()
+    meta = {
+        "backend": info["backend"],
+        "build_info": info,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": tag,
+        "device_name": device_name,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+        "min_run_time_s": min_run_time,
+        "rounds": rounds,
+        "batch": BATCH,
+        "w_bits": W_BITS,
+        "a_bits": A_BITS,
+    }
+    print(
+        f"bwrf_ext backend: {info['backend']} | {device_name} | {meta['threads']} threads",
+        flush=True,
+    )
+    medians = time_variants(device, min_run_time, rounds)
+    table = to_markdown(meta, medians)
+    print(table)
+    stem = args.out or RESULTS_DIR / f"qat_step_ratios_{tag}{'-quick' if args.quick else ''}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "meta": meta,
+        "median_s": medians,
+        "ours_over": {v: medians["ours"] / s for v, s in medians.items() if v != "ours"},
+    }
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(table)
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""bwrf_ext: fused low-bit fake quantization and block-wise training for PyTorch."""
+
+from bwrf_ext._backend import build_info
+from bwrf_ext.convert import (
+    LayerReport,
+    freeze_scales,
+    quantization_report,
+    quantize_model,
+    set_quantization_enabled,
+)
+from bwrf_ext.export import QuantizedLayer, export_onnx, export_quantized, onnx_export_mode
+from bwrf_ext.nn import LSQQuantizer, QuantConfig, QuantConv2d, QuantLinear
+from bwrf_ext.ops import lsq_fake_quant, lsq_fake_quant_backward
+
+__all__ = [
+    "LSQQuantizer",
+    "LayerReport",
+    "QuantConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantizedLayer",
+    "build_info",
+    "export_onnx",
+    "export_quantized",
+    "freeze_scales",
+    "lsq_fake_quant",
+    "lsq_fake_quant_backward",
+    "onnx_export_mode",
+    "quantization_report",
+    "quantize_model",
+    "set_quantization_enabled",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,204 @@
+"""Model conversion: swap nn.Conv2d/nn.Linear for quantized layers, report and switch them."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from bwrf_ext.nn.layers import QuantConv2d, QuantLinear
+from bwrf_ext.nn.quantizer import LSQQuantizer, QuantConfig, check_bits
+
+logger = logging.getLogger(__name__)
+
+# Exact float types and their quantized twins; subclasses (e.g. the Linear inside
+# nn.MultiheadAttention, whose weight is used without calling forward) are left alone.
+_QUANT_TYPE_OF: dict[type[nn.Module], type[QuantConv2d] | type[QuantLinear]] = {
+    nn.Conv2d: QuantConv2d,
+    nn.Linear: QuantLinear,
+}
+
+# A layer's bits: one int for weights and input, or (w_bits, a_bits) with None for full
+# precision; None alone leaves the layer in full precision.
+LayerBits = int | tuple[int | None, int | None] | None
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One conv/linear layer of a model after conversion.
+
+    Attributes:
+        name: qualified module name.
+        layer_type: class name ("QuantConv2d", or "Conv2d" for a layer left in full precision).
+        w_bits, a_bits: code widths, None where full precision.
+    """
+
+    name: str
+    layer_type: str
+    w_bits: int | None
+    a_bits: int | None
+
+    @property
+    def quantized(self) -> bool:
+        return self.w_bits is not None or self.a_bits is not None
+
+
+def quantize_model(
+    model: nn.Module,
+    w_bits: int | None = 4,
+    a_bits: int | None = 4,
+    first_last_bits: int | Literal["same"] | None = 8,
+    skip: Iterable[str] = (),
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    bits_overrides: Mapping[str, LayerBits] | None = None,
+    config: QuantConfig | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Replaces every nn.Conv2d and nn.Linear by QuantConv2d / QuantLinear.
+
+    Modules are swapped on their parents (no global patching); a module registered under several
+    names is swapped everywhere for one shared quantized module. Per layer, the first rule that
+    applies decides its bits:
+
+    1. ``skip`` (fnmatch patterns on the qualified name) or ``filter_fn(name, module)`` False:
+       left as is.
+    2. ``bits_overrides``: the first pattern (in mapping order) matching the name.
+    3. The first layer (the first nn.Conv2d or nn.Linear in registration order) and the last one
+       (the last nn.Linear, else the last nn.Conv2d) take ``first_last_bits``: an int for weights
+       and input, "same" for (w_bits, a_bits), None to leave them in full precision.
+    4. (w_bits, a_bits).
+
+    A layer whose rule gives no bits at all stays a float module. What happened is logged and
+    :func:`quantization_report` lists it.
+
+    Args:
+        model: any nn.Module (torchvision ResNets and MobileNets, bwrf_ext.models, ...).
+        w_bits, a_bits: default code widths, None for full precision.
+        first_last_bits: see rule 3.
+        skip: fnmatch patterns of layer names to leave alone, e.g. ``"layer4.*"``.
+        filter_fn: called as ``filter_fn(name, module)``; False leaves the layer alone.
+        bits_overrides: pattern -> LayerBits, e.g. ``{"*.downsample.*": 8, "layer1.*": (2, 4)}``.
+        config: quantizer options for every layer (default QuantConfig()).
+        inplace: swap in ``model`` itself; by default a deep copy is converted and ``model`` is
+            left untouched.
+
+    Returns:
+        The converted model (``model`` itself when inplace).
+    """
+    if first_last_bits != "same" and first_last_bits is not None:
+        check_bits(first_last_bits, "quantize_model: first_last_bits")
+    if not inplace:
+        model = copy.deepcopy(model)
+    config = config or QuantConfig()
+    skip = tuple(skip)
+    overrides = dict(bits_overrides or {})
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules(remove_duplicate=False)
+        if type(module) in _QUANT_TYPE_OF and name
+    ]
+    first_last = _first_and_last(candidates)
+    replacements: dict[int, nn.Module] = {}
+    for name, module in candidates:
+        if id(module) not in replacements:
+            bits = _layer_bits(
+                name,
+                module,
+                w_bits,
+                a_bits,
+                first_last_bits,
+                skip,
+                filter_fn,
+                overrides,
+                is_first_or_last=name in first_last,
+            )
+            if bits is None:
+                replacements[id(module)] = module
+                logger.info("quantize_model: %s left in full precision", name)
+                continue
+            quant_type = _QUANT_TYPE_OF[type(module)]
+            replacements[id(module)] = quant_type.from_float(module, *bits, config=config)
+            logger.info("quantize_model: %s -> %s w%s a%s", name, quant_type.__name__, *bits)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, replacements[id(module)])
+    return model
+
+
+def _first_and_last(candidates: list[tuple[str, nn.Module]]) -> set[str]:
+    """Names of the first layer and the last nn.Linear (else the last nn.Conv2d)."""
+    if not candidates:
+        return set()
+    linears = [name for name, module in candidates if type(module) is nn.Linear]
+    last = linears[-1] if linears else candidates[-1][0]
+    return {candidates[0][0], last}
+
+
+def _layer_bits(
+    name: str,
+    module: nn.Module,
+    w_bits: int | None,
+    a_bits: int | None,
+    first_last_bits: int | Literal["same"] | None,
+    skip: tuple[str, ...],
+    filter_fn: Callable[[str, nn.Module], bool] | None,
+    overrides: dict[str, LayerBits],
+    is_first_or_last: bool,
+) -> tuple[int | None, int | None] | None:
+    """(w_bits, a_bits) for one layer, or None to leave it in full precision (see the rules)."""
+    if any(fnmatch.fnmatchcase(name, pattern) for pattern in skip):
+        return None
+    if filter_fn is not None and not filter_fn(name, module):
+        return None
+    chosen: LayerBits = (w_bits, a_bits)
+    for pattern, bits in overrides.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            chosen = bits
+            break
+    else:
+        if is_first_or_last and first_last_bits != "same":
+            chosen = first_last_bits
+    if chosen is None:
+        return None
+    if isinstance(chosen, int):
+        chosen = (chosen, chosen)
+    for what, bits in zip(("w_bits", "a_bits"), chosen, strict=True):
+        if bits is not None:
+            check_bits(bits, f"quantize_model: {what} of {name}")
+    return None if chosen == (None, None) else tuple(chosen)
+
+
+def quantization_report(model: nn.Module) -> list[LayerReport]:
+    """Every conv/linear layer of a model with its bits, in registration order.
+
+    Args:
+        model: a model after (or before) :func:`quantize_model`.
+
+    Returns:
+        One LayerReport per QuantConv2d/QuantLinear and per plain nn.Conv2d/nn.Linear.
+    """
+    report = []
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantConv2d, QuantLinear)):
+            report.append(LayerReport(name, type(module).__name__, module.w_bits, module.a_bits))
+        elif type(module) in _QUANT_TYPE_OF:
+            report.append(LayerReport(name, type(module).__name__, None, None))
+    return report
+
+
+def set_quantization_enabled(model: nn.Module, enabled: bool = True) -> None:
+    """Turns every LSQQuantizer of a model on, or off (pass-through)."""
+    for module in model.modules():
+        if isinstance(module, LSQQuantizer):
+            module.set_enabled(enabled)
+
+
+def freeze_scales(model: nn.Module, frozen: bool = True) -> None:
+    """Freezes (or unfreezes) the step sizes of every LSQQuantizer of a model."""
+    for module in model.modules():
+        if isinstance(module, LSQQuantizer):
+            module.freeze_scale(frozen)

@@ -1,0 +1,29 @@
+"""Model definitions and pretrained loaders."""
+
+from bwrf_ext.models.cifar_resnet import (
+    CifarResNet,
+    cifar_resnet,
+    resnet20,
+    resnet32,
+    resnet44,
+    resnet56,
+)
+from bwrf_ext.models.pretrained import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    imagenet_normalize,
+    pretrained_cifar_resnet,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CifarResNet",
+    "cifar_resnet",
+    "imagenet_normalize",
+    "pretrained_cifar_resnet",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+]
