@@ -74,7 +74,8 @@ def lsq_fake_quant_backward(
     if axis is None:
         grad_scale = per_element.sum()
     else:
-        channels = x.shape[axis]  # movedim, not sum(dim=[...]): an empty dim list sums everything
-        grad_scale = per_element.movedim(axis, 0).reshape(channels, -1).sum(dim=1)
+        others = [d for d in range(x.dim()) if d != axis % x.dim()]
+        # sum(dim=[]) would sum everything: a 1-D x has nothing to reduce.
+        grad_scale = per_element.sum(dim=others) if others else per_element
     grad_scale = (grad_scale * grad_factor).reshape(scale.shape).to(scale.dtype)
     return grad_x, grad_scale
