@@ -13,18 +13,18 @@ import torch
 MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
-def _channel_view(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """Reshapes a per-tensor or per-channel scale so that it broadcasts against x."""
+def broadcast_scale(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Reshapes a step size of shape () / (1,) (axis None) or (C,) to broadcast against x."""
     if axis is None:
-        return t.reshape(())
+        return scale.reshape(())
     shape = [1] * x.dim()
     shape[axis % x.dim()] = -1
-    return t.reshape(shape)
+    return scale.reshape(shape)
 
 
 def _quantize(x: torch.Tensor, scale: torch.Tensor, axis: int | None):
     """Returns (s, v, q): the safe fp32 step, x/s as the kernels compute it, and round(v)."""
-    s = _channel_view(scale, x, axis).float()
+    s = broadcast_scale(scale, x, axis).float()
     s = torch.where(s > MIN_SCALE, s, torch.full_like(s, MIN_SCALE))
     v = x.float() * (1.0 / s)  # multiply by the fp32 reciprocal, as ATen's op does
     return s, v, torch.round(v)  # torch.round rounds half to even

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bwrf_ext.ops import lsq_fake_quant
+from bwrf_ext.reference import broadcast_scale
 
 Signedness = bool | Literal["auto"]
 Impl = Literal["fused", "composite"]
@@ -36,15 +37,6 @@ def quant_range(bits: int, signed: bool) -> tuple[int, int]:
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1
-
-
-def broadcast_scale(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """Reshapes a step size of shape () / (1,) (axis None) or (C,) to broadcast against x."""
-    if axis is None:
-        return scale.reshape(())
-    shape = [1] * x.dim()
-    shape[axis % x.dim()] = -1
-    return scale.reshape(shape)
 
 
 def lsq_grad_factor(elements_per_scale: int, qmax: int) -> float:
