@@ -14,10 +14,13 @@ $(VENV)/.deps: requirements-dev.txt
 	$(PIP) install -r requirements-dev.txt
 	touch $@
 
-# The package with its compiled ops (CUDA kernels too wherever nvcc is found).
-install: $(VENV)/.deps
+# The package with its compiled ops (CUDA kernels too wherever nvcc is found), rebuilt only when
+# the C++/CUDA sources or the build script change (a full build takes minutes).
+install: $(VENV)/.built
+$(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml $(shell find csrc -type f)
 	$(PIP) install --no-build-isolation --no-deps -e .
 	$(PY) -c "import bwrf_ext, json; print(json.dumps(bwrf_ext.build_info()))"
+	touch $@
 
 # The same csrc/ built by CMake against libtorch, so that build cannot rot.
 cmake-lib: $(VENV)/.deps
@@ -42,4 +45,4 @@ lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check bwrf_ext python_tests benchmarks setup.py
 
 clean:
-	rm -rf build $(CMAKE_BUILD) bwrf_ext/_C*.so *.egg-info
+	rm -rf build $(CMAKE_BUILD) bwrf_ext/_C*.so *.egg-info $(VENV)/.built
