@@ -27,32 +27,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import importlib.util
-import json
 import math
-import os
-import platform
-import re
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-if importlib.util.find_spec("bwrf_ext") is None:  # run from a checkout before `pip install -e .`
+if __package__ in (None, ""):  # run as a script: `benchmarks` (and an uninstalled bwrf_ext)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch.utils import benchmark as torch_benchmark  # noqa: E402
 
 import bwrf_ext  # noqa: E402
+from benchmarks.report import (  # noqa: E402
+    BUSY_SHARE,
+    Run,
+    add_common_arguments,
+    cpu_clocks,
+    others_share,
+)
 from bwrf_ext.nn.quantizer import composite_lsq_fake_quant  # noqa: E402
 
 QMIN, QMAX = -8, 7
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODES = ("fwd", "fwd+bwd")
 ALTERNATIVES = ("eager", "learnable", "compile")  # what "best alternative" is chosen from
-BUSY_SHARE = 0.05  # other processes' CPU share above which the table flags the timings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,11 +165,11 @@ def time_case(
             num_threads=torch.get_num_threads(),  # Timer's default would time on 1 thread
         )
     runs: dict[str, list] = {name: [] for name in timers}
-    before = _cpu_clocks()
+    before = cpu_clocks()
     for _ in range(rounds):
         for name, timer in timers.items():
             runs[name].append(timer.blocked_autorange(min_run_time=min_run_time))
-    others_share = _others_share(before, _cpu_clocks())
+    busy_share = others_share(before, cpu_clocks())
     medians = {
         name: (torch_benchmark.Measurement.merge(runs[name])[0].median if name in runs else None)
         for name in IMPLS
@@ -192,45 +190,8 @@ def time_case(
         "best_alternative": best,
         "ours_over": ratios,
         "notes": {n: v for n, v in notes.items() if v is not None},
-        "other_processes_cpu_share": others_share,
+        "other_processes_cpu_share": busy_share,
     }
-
-
-def device_description(device: torch.device) -> tuple[str, str]:
-    """(file-name tag, human description) of the device, e.g. ("cpu-2core", "AMD EPYC")."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(s.split(":", 1)[1].strip() for s in f if s.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu-{len(os.sched_getaffinity(0))}core", model
-
-
-def _cpu_clocks() -> tuple[float, float, float | None]:
-    """(wall, this process's CPU seconds, all processes' CPU seconds from /proc/stat or None)."""
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, _, _, irq, softirq, steal = map(int, f.readline().split()[1:9])
-        machine = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        machine = None
-    return time.perf_counter(), time.process_time(), machine
-
-
-def _others_share(start: tuple, end: tuple) -> float | None:
-    """Share of the machine's CPU time other processes used between two ``_cpu_clocks()``.
-
-    Another process on these cores stalls every OpenMP barrier (a 16K op then takes ms), so a
-    share above a few percent makes CPU timings unreliable.
-    """
-    if start[2] is None or end[2] is None:
-        return None
-    others = (end[2] - start[2]) - (end[1] - start[1])
-    return max(0.0, others / ((end[0] - start[0]) * (os.cpu_count() or 1)))
 
 
 def _fmt_time(seconds: float | None) -> str:
@@ -290,55 +251,15 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Parses the command line, times every case, prints the table, writes .json and .md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        default=None,
-        help="default: cuda when available, else cpu",
-    )
-    parser.add_argument("--quick", action="store_true", help="short timings (a smoke run)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output path without extension; default "
-        "benchmarks/results/lsq_ratios_<device>[-quick]",
-    )
-    args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tag, device_name = device_description(device)
-    min_run_time, rounds = (0.03, 2) if args.quick else (0.4, 5)
-    info = bwrf_ext.build_info()
-    meta = {
-        "backend": info["backend"],
-        "build_info": info,
-        "torch": torch.__version__,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": tag,
-        "device_name": device_name,
-        "threads": torch.get_num_threads(),
-        "quick": args.quick,
-        "min_run_time_s": min_run_time,
-        "rounds": rounds,
-        "qmin": QMIN,
-        "qmax": QMAX,
-    }
-    print(
-        f"bwrf_ext backend: {info['backend']} | {device_name} | {meta['threads']} threads",
-        flush=True,
-    )
+    add_common_arguments(parser, "lsq_ratios")
+    run = Run.begin("lsq_ratios", parser.parse_args(argv), quick=(0.03, 2), full=(0.4, 5),
+                    qmin=QMIN, qmax=QMAX)
     rows = []
     for case in CASES:
         for mode in MODES:
-            rows.append(time_case(case, mode, device, min_run_time, rounds))
+            rows.append(time_case(case, mode, run.device, run.min_run_time, run.rounds))
             print(f"  timed {case.name} {mode}", flush=True)
-    table = to_markdown(meta, rows)
-    print(table)
-    stem = args.out or RESULTS_DIR / f"lsq_ratios_{tag}{'-quick' if args.quick else ''}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    run.write({"rows": rows}, to_markdown(run.meta, rows))
 
 
 if __name__ == "__main__":

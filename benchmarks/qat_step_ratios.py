@@ -20,28 +20,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import importlib.util
-import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-if importlib.util.find_spec("bwrf_ext") is None:  # run from a checkout before `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+if __package__ in (None, ""):  # run as a script: `benchmarks` (and an uninstalled bwrf_ext)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils import benchmark as torch_benchmark  # noqa: E402
 
 import bwrf_ext  # noqa: E402
-from benchmarks.lsq_ratios import device_description  # noqa: E402
+from benchmarks.report import Run, add_common_arguments, time_interleaved  # noqa: E402
 from bwrf_ext.models import resnet20  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BATCH = 128
 W_BITS = A_BITS = 4
 TARGET_OURS_OVER_FLOAT = 1.3
@@ -95,24 +87,8 @@ def make_step(variant: str, device: torch.device, batch: int = BATCH) -> QatStep
 
 def time_variants(device: torch.device, min_run_time: float, rounds: int) -> dict[str, float]:
     """Median seconds per step of every variant, measured interleaved."""
-    timers: dict[str, torch_benchmark.Timer] = {}
-    for variant in VARIANTS:
-        step: Callable[[], torch.Tensor] = make_step(variant, device)
-        step()  # warm-up: fills the caching allocator and the optimizer state
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timers[variant] = torch_benchmark.Timer(
-            "step()",
-            globals={"step": step},
-            label="qat_step",
-            description=variant,
-            num_threads=torch.get_num_threads(),  # Timer's default would time on 1 thread
-        )
-    runs: dict[str, list] = {v: [] for v in VARIANTS}
-    for _ in range(rounds):
-        for variant, timer in timers.items():
-            runs[variant].append(timer.blocked_autorange(min_run_time=min_run_time))
-    return {v: torch_benchmark.Measurement.merge(runs[v])[0].median for v in VARIANTS}
+    steps = {variant: make_step(variant, device) for variant in VARIANTS}
+    return time_interleaved(steps, device, min_run_time, rounds, label="qat_step")
 
 
 def to_markdown(meta: dict, medians: dict[str, float]) -> str:
@@ -146,54 +122,12 @@ def to_markdown(meta: dict, medians: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Parses the command line, times the variants, prints the table, writes .json and .md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available"
-    )
-    parser.add_argument("--quick", action="store_true", help="short timings (a smoke run)")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output path without extension; default "
-        "benchmarks/results/qat_step_ratios_<device>[-quick]",
-    )
-    args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tag, device_name = device_description(device)
-    min_run_time, rounds = (0.3, 2) if args.quick else (2.0, 5)
-    info = bwrf_ext.build_info()
-    meta = {
-        "backend": info["backend"],
-        "build_info": info,
-        "torch": torch.__version__,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": tag,
-        "device_name": device_name,
-        "threads": torch.get_num_threads(),
-        "quick": args.quick,
-        "min_run_time_s": min_run_time,
-        "rounds": rounds,
-        "batch": BATCH,
-        "w_bits": W_BITS,
-        "a_bits": A_BITS,
-    }
-    print(
-        f"bwrf_ext backend: {info['backend']} | {device_name} | {meta['threads']} threads",
-        flush=True,
-    )
-    medians = time_variants(device, min_run_time, rounds)
-    table = to_markdown(meta, medians)
-    print(table)
-    stem = args.out or RESULTS_DIR / f"qat_step_ratios_{tag}{'-quick' if args.quick else ''}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "meta": meta,
-        "median_s": medians,
-        "ours_over": {v: medians["ours"] / s for v, s in medians.items() if v != "ours"},
-    }
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    add_common_arguments(parser, "qat_step_ratios")
+    run = Run.begin("qat_step_ratios", parser.parse_args(argv), quick=(0.3, 2), full=(2.0, 5),
+                    batch=BATCH, w_bits=W_BITS, a_bits=A_BITS)
+    medians = time_variants(run.device, run.min_run_time, run.rounds)
+    ours_over = {v: medians["ours"] / s for v, s in medians.items() if v != "ours"}
+    run.write({"median_s": medians, "ours_over": ours_over}, to_markdown(run.meta, medians))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,11 @@ test also checks that the step trained the model, so a broken step fails in quic
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import torch
 
 from benchmarks.qat_step_ratios import A_BITS, BATCH, VARIANTS, W_BITS, make_step
+from benchmarks.report import synchronized
 from bwrf_ext import LSQQuantizer, build_info
 
 
@@ -26,15 +25,7 @@ def test_qat_step(benchmark, bench_device: torch.device, variant: str):
     quantizers = [m for m in qat_step.model.modules() if isinstance(m, LSQQuantizer)]
     scales_before = [q.scale.detach().clone() for q in quantizers]
     weight_before = qat_step.model.conv1.weight.detach().clone()
-    timed: Callable[[], torch.Tensor] = qat_step
-    if bench_device.type == "cuda":  # pytest-benchmark's wall clock needs the kernels finished
-
-        def timed() -> torch.Tensor:
-            loss = qat_step()
-            torch.cuda.synchronize()
-            return loss
-
-    loss = benchmark(timed)
+    loss = benchmark(synchronized(qat_step, bench_device))
     assert torch.isfinite(loss)
     assert not torch.equal(qat_step.model.conv1.weight.detach(), weight_before)
     # 20 layers x (weight, input), and every step size moved.

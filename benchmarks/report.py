@@ -1,0 +1,156 @@
+"""What every benchmark script shares: command line, device, run metadata, busy check, results."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils import benchmark as torch_benchmark
+
+import bwrf_ext
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+BUSY_SHARE = 0.05  # other processes' CPU share above which a table flags its timings
+
+
+def device_description(device: torch.device) -> tuple[str, str]:
+    """(file-name tag, human description) of the device, e.g. ("cpu-2core", "AMD EPYC")."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(s.split(":", 1)[1].strip() for s in f if s.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu-{len(os.sched_getaffinity(0))}core", model
+
+
+def cpu_clocks() -> tuple[float, float, float | None]:
+    """(wall, this process's CPU seconds, all processes' CPU seconds from /proc/stat or None)."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, _, _, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        machine = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        machine = None
+    return time.perf_counter(), time.process_time(), machine
+
+
+def others_share(start: tuple, end: tuple) -> float | None:
+    """Share of the machine's CPU time other processes used between two ``cpu_clocks()``.
+
+    Another process on these cores stalls every OpenMP barrier (a 16K op then takes ms), so a
+    share above a few percent makes CPU timings unreliable.
+    """
+    if start[2] is None or end[2] is None:
+        return None
+    others = (end[2] - start[2]) - (end[1] - start[1])
+    return max(0.0, others / ((end[0] - start[0]) * (os.cpu_count() or 1)))
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """--device, --quick and --out, the options every ratio script takes."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--quick", action="store_true", help="short timings (a smoke run)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output path without extension; default "
+                        f"benchmarks/results/{name}_<device>[-quick]")
+
+
+@dataclasses.dataclass
+class Run:
+    """One benchmark run: its name, options, device, timing budget and the metadata it records."""
+
+    name: str
+    args: argparse.Namespace
+    device: torch.device
+    min_run_time: float
+    rounds: int
+    meta: dict
+
+    @classmethod
+    def begin(cls, name: str, args: argparse.Namespace, quick: tuple[float, int],
+              full: tuple[float, int], **settings) -> Run:
+        """Resolves the device, records what is measured on what, and prints a header line.
+
+        Args:
+            quick, full: (min_run_time seconds, rounds) for --quick and for a real run.
+            settings: the benchmark's own parameters, recorded in the metadata.
+        """
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tag, device_name = device_description(device)
+        min_run_time, rounds = quick if args.quick else full
+        info = bwrf_ext.build_info()
+        meta = {
+            "backend": info["backend"],
+            "build_info": info,
+            "torch": torch.__version__,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "device": tag,
+            "device_name": device_name,
+            "threads": torch.get_num_threads(),
+            "quick": args.quick,
+            "min_run_time_s": min_run_time,
+            "rounds": rounds,
+            **settings,
+        }
+        print(f"bwrf_ext backend: {info['backend']} | {device_name} | {meta['threads']} threads",
+              flush=True)
+        return cls(name, args, device, min_run_time, rounds, meta)
+
+    def write(self, record: dict, table: str) -> None:
+        """Prints the table and writes it (.md) and the record with the metadata (.json)."""
+        print(table)
+        quick = "-quick" if self.args.quick else ""
+        stem = self.args.out or RESULTS_DIR / f"{self.name}_{self.meta['device']}{quick}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(
+            json.dumps({"meta": self.meta, **record}, indent=2) + "\n"
+        )
+        stem.with_suffix(".md").write_text(table)
+        print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+
+
+def synchronized(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], object]:
+    """fn, made to wait for its CUDA kernels so that a wall clock times them (as is on CPU)."""
+    if device.type != "cuda":
+        return fn
+
+    def call() -> torch.Tensor:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
+def time_interleaved(steps: dict[str, Callable[[], object]], device: torch.device,
+                     min_run_time: float, rounds: int, label: str) -> dict[str, float]:
+    """Median seconds per call of every step, timed in interleaved rounds so drift hits all alike.
+
+    Each step is called once first (caching allocator, optimizer state, lazy initialisation).
+    """
+    timers = {}
+    for name, step in steps.items():
+        synchronized(step, device)()
+        timers[name] = torch_benchmark.Timer(
+            "step()", globals={"step": step}, label=label, description=name,
+            num_threads=torch.get_num_threads(),  # Timer's default would time on 1 thread
+        )
+    runs: dict[str, list] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            runs[name].append(timer.blocked_autorange(min_run_time=min_run_time))
+    return {name: torch_benchmark.Measurement.merge(runs[name])[0].median for name in steps}
