@@ -1,6 +1,7 @@
 """bwrf_ext: fused low-bit fake quantization and block-wise training for PyTorch."""
 
 from bwrf_ext._backend import build_info
+from bwrf_ext.blocks import BlockSplit, FrozenPartner, split_model
 from bwrf_ext.convert import (
     LayerReport,
     freeze_scales,
@@ -9,10 +10,17 @@ from bwrf_ext.convert import (
     set_quantization_enabled,
 )
 from bwrf_ext.export import QuantizedLayer, export_onnx, export_quantized, onnx_export_mode
+from bwrf_ext.losses import kd_loss
+from bwrf_ext.methods import BWRF, BWRFConfig, BWRFOutput
 from bwrf_ext.nn import LSQQuantizer, QuantConfig, QuantConv2d, QuantLinear
 from bwrf_ext.ops import lsq_fake_quant, lsq_fake_quant_backward
 
 __all__ = [
+    "BWRF",
+    "BWRFConfig",
+    "BWRFOutput",
+    "BlockSplit",
+    "FrozenPartner",
     "LSQQuantizer",
     "LayerReport",
     "QuantConfig",
@@ -23,11 +31,13 @@ __all__ = [
     "export_onnx",
     "export_quantized",
     "freeze_scales",
+    "kd_loss",
     "lsq_fake_quant",
     "lsq_fake_quant_backward",
     "onnx_export_mode",
     "quantization_report",
     "quantize_model",
     "set_quantization_enabled",
+    "split_model",
 ]
 __version__ = "0.1.0"

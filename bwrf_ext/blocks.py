@@ -1,0 +1,426 @@
+"""The block engine: split a model into stem, blocks and head; run a frozen partner's branches."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from bwrf_ext.models.cifar_resnet import CifarResNet
+
+__all__ = ["BlockSplit", "FrozenPartner", "split_model"]
+
+# Names of the blocks an automatic split produces, for repr and error messages.
+_GroupNames = list[list[str]]
+
+
+class BlockSplit(nn.Module):
+    """A model seen as ``stem -> blocks[0] -> ... -> blocks[N-1] -> head``.
+
+    The stem, blocks and head hold the model's own modules (shared, not copied), so training
+    through the split trains the model; only parameter-free glue (``nn.ReLU`` for a functional
+    ReLU, ``nn.Flatten``, pooling) is new. The stem joins block 1: ``run_block(0, x)`` is
+    ``blocks[0](stem(x))``, and the block outputs h_1..h_N are what the methods branch from.
+
+    Build one with :func:`split_model`.
+
+    Args:
+        stem: the modules before block 1 (``nn.Identity()`` when there are none).
+        blocks: N >= 1 modules, in order.
+        head: the modules after block N (pooling, flatten, classifier).
+        names: the model's module names in stem, each block and head, for repr and errors.
+
+    Shape:
+        input: what the model takes; output: what the model returns.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module,
+        blocks: Sequence[nn.Module],
+        head: nn.Module,
+        names: tuple[list[str], _GroupNames, list[str]] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(blocks) < 1:
+            raise ValueError("BlockSplit: need at least one block, got none")
+        self.stem = stem
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+        self.names = names
+
+    @property
+    def num_blocks(self) -> int:
+        """N, the number of blocks (the stem counts as part of block 1)."""
+        return len(self.blocks)
+
+    def run_block(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Block j (0-based) on its input; for j == 0 the stem runs first."""
+        if j == 0:
+            x = self.stem(x)
+        return self.blocks[j](x)
+
+    def block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """h_1..h_N: the output of every block, in order (the last one feeds the head)."""
+        outputs = []
+        for j in range(self.num_blocks):
+            x = self.run_block(j, x)
+            outputs.append(x)
+        return outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block_outputs(x)[-1])
+
+    def extra_repr(self) -> str:
+        if self.names is None:
+            return f"num_blocks={self.num_blocks}"
+        stem, blocks, head = self.names
+        return f"stem={stem}, blocks={blocks}, head={head}"
+
+
+def split_model(
+    model: nn.Module,
+    blocks: Sequence[Sequence[str] | str] | None = None,
+    *,
+    stem: Sequence[str] = (),
+    head: Sequence[str] | None = None,
+    example_input: torch.Tensor | None = None,
+) -> BlockSplit:
+    """Splits a model into stem, blocks and head.
+
+    Automatic splits (``blocks=None``); the same rule applies to a model and to its quantized
+    copy from ``quantize_model``, which keeps the module names:
+
+    - CIFAR ResNets (``bwrf_ext.models.CifarResNet``): 3 blocks ``layer1..layer3``; stem
+      ``conv1, bn1, ReLU`` (joins block 1); head ``avgpool, flatten, linear``.
+    - torchvision ResNets: 4 blocks ``layer1..layer4``; stem ``conv1, bn1, relu, maxpool``;
+      head ``avgpool, flatten, fc``.
+    - torchvision MobileNetV2, 4 blocks by output resolution (stride 4/8/16/32):
+      stem ``features.0``; blocks ``features.1-3`` (24 ch), ``features.4-6`` (32 ch),
+      ``features.7-13`` (64 and 96 ch), ``features.14-18`` (160, 320 and the 1280-ch conv);
+      head ``avgpool, flatten, classifier``.
+
+    Named split (``blocks`` given): lists of module names, one list (or one name) per block,
+    plus ``stem`` and ``head``. The model's forward must be a plain chain of exactly these
+    modules in this order (no skip connection or functional op between them, except the
+    ``torch.flatten(x, 1)`` before a classifier: an ``nn.Flatten()`` is inserted before the first
+    head module that is or contains an ``nn.Linear``; it is a no-op on 2-D input). Every module
+    holding parameters or buffers must be covered. Because a forward cannot be read, the split
+    is checked by running both on ``example_input`` (required) in eval mode; a mismatch raises.
+
+    Args:
+        model: the model to split (its training flags are restored after the check).
+        blocks: None for an automatic split, else the module names of each block.
+        stem: module names before block 1 (named split only).
+        head: module names after the last block (named split only; required there).
+        example_input: an input the model accepts, e.g. ``torch.randn(2, 3, 32, 32)``; required
+            for a named split, optional (then checked too) for an automatic one.
+
+    Returns:
+        A BlockSplit sharing the model's modules.
+
+    Raises:
+        TypeError: no automatic split for this model type.
+        ValueError: a name that is not a submodule, a module covered twice or not at all, or a
+            split whose output differs from the model's.
+    """
+    if blocks is None:
+        if stem or head is not None:
+            raise ValueError(
+                "split_model: stem and head are module names of a named split; pass blocks too"
+            )
+        split = _automatic_split(model)
+    else:
+        if head is None:
+            raise ValueError(
+                "split_model: a named split needs head=[module names after the last block]"
+            )
+        if example_input is None:
+            raise ValueError(
+                "split_model: a named split needs example_input (a tensor the model accepts) to "
+                "check that the model's forward is the plain chain stem -> blocks -> head"
+            )
+        split = _named_split(model, blocks, stem, head)
+    if example_input is not None:
+        check_split(model, split, example_input)
+    return split
+
+
+def check_split(model: nn.Module, split: BlockSplit, example_input: torch.Tensor) -> None:
+    """Raises ValueError unless ``split(x)`` equals ``model(x)`` on ``example_input`` (eval mode).
+
+    Args:
+        model: the model.
+        split: a split of it.
+        example_input: an input the model accepts.
+    """
+    flags = {m: m.training for m in (*model.modules(), *split.modules())}
+    try:
+        model.eval()
+        split.eval()
+        with torch.no_grad():
+            expected = model(example_input)
+            x = example_input
+            stages = [("stem", split.stem)]
+            stages += [(f"block {j + 1}", b) for j, b in enumerate(split.blocks)]
+            stages += [("head", split.head)]
+            for label, stage in stages:
+                try:
+                    x = stage(x)
+                except RuntimeError as e:
+                    raise ValueError(
+                        f"split_model: running the split failed at the {label} "
+                        f"({_names_of(split, label)}) on input {tuple(x.shape)}: {e}. Is the "
+                        "model's forward the plain chain stem -> blocks -> head?"
+                    ) from e
+    finally:
+        for m, training in flags.items():
+            m.training = training
+    if not isinstance(expected, torch.Tensor) or x.shape != expected.shape:
+        shape = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected)
+        raise ValueError(
+            f"split_model: the split returns shape {tuple(x.shape)}, the model's forward {shape}"
+        )
+    scale = expected.abs().max().clamp_min(1e-12)
+    error = (x - expected).abs().max()
+    if not error <= 1e-5 * scale:
+        raise ValueError(
+            f"split_model: the split's output differs from the model's forward (max abs "
+            f"difference {error.item():.3g}, output max {scale.item():.3g}); the forward is not "
+            "the plain chain stem -> blocks -> head (a skip connection or functional op between "
+            "the named modules?), or the names are not in forward order"
+        )
+
+
+def _names_of(split: BlockSplit, label: str) -> list[str] | str:
+    if split.names is None:
+        return "unnamed"
+    stem, blocks, head = split.names
+    if label == "stem":
+        return stem
+    if label == "head":
+        return head
+    return blocks[int(label.split()[1]) - 1]
+
+
+def _automatic_split(model: nn.Module) -> BlockSplit:
+    if isinstance(model, CifarResNet):
+        # CifarResNet's forward applies ReLU functionally after bn1.
+        return BlockSplit(
+            nn.Sequential(model.conv1, model.bn1, nn.ReLU()),
+            [model.layer1, model.layer2, model.layer3],
+            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.linear),
+            (["conv1", "bn1", "relu"], [["layer1"], ["layer2"], ["layer3"]],
+             ["avgpool", "flatten", "linear"]),
+        )
+    try:
+        from torchvision.models import MobileNetV2, ResNet
+    except ImportError:  # torchvision is optional; without it only CIFAR ResNets split by type
+        MobileNetV2 = ResNet = None  # noqa: N806
+    if ResNet is not None and isinstance(model, ResNet):
+        return BlockSplit(
+            nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool),
+            [model.layer1, model.layer2, model.layer3, model.layer4],
+            nn.Sequential(model.avgpool, nn.Flatten(1), model.fc),
+            (["conv1", "bn1", "relu", "maxpool"], [[f"layer{i}"] for i in range(1, 5)],
+             ["avgpool", "flatten", "fc"]),
+        )
+    if MobileNetV2 is not None and isinstance(model, MobileNetV2):
+        features = model.features
+        if len(features) != 19:
+            raise TypeError(
+                f"split_model: the automatic MobileNetV2 grouping expects 19 feature modules "
+                f"(torchvision's default inverted-residual setting), got {len(features)}; pass "
+                "module names"
+            )
+        bounds = [(1, 4), (4, 7), (7, 14), (14, 19)]
+        return BlockSplit(
+            features[0],
+            [features[a:b] for a, b in bounds],
+            nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.classifier),
+            (["features.0"], [[f"features.{i}" for i in range(a, b)] for a, b in bounds],
+             ["avgpool", "flatten", "classifier"]),
+        )
+    raise TypeError(
+        f"split_model: no automatic split for {type(model).__name__} (supported: CIFAR ResNets, "
+        "torchvision ResNets, torchvision MobileNetV2); pass module names, e.g. "
+        "split_model(model, blocks=[['conv1', 'layer1'], ['layer2']], head=['fc'], "
+        "example_input=torch.randn(2, 3, 32, 32))"
+    )
+
+
+def _named_split(
+    model: nn.Module,
+    blocks: Sequence[Sequence[str] | str],
+    stem: Sequence[str],
+    head: Sequence[str],
+) -> BlockSplit:
+    def listed(group: Sequence[str] | str) -> list[str]:
+        return [group] if isinstance(group, str) else list(group)
+
+    block_names = [listed(group) for group in blocks]
+    stem_names, head_names = listed(stem), listed(head)
+    if not block_names or any(not group for group in block_names):
+        raise ValueError(
+            f"split_model: every block needs at least one module name, got {block_names}"
+        )
+    owner: dict[int, str] = {}
+
+    def resolve(names: list[str]) -> list[nn.Module]:
+        modules = []
+        for name in names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError as e:
+                raise ValueError(
+                    f"split_model: {name!r} is not a submodule of {type(model).__name__}"
+                ) from e
+            if module is model:
+                raise ValueError("split_model: the empty name (the model itself) cannot be a part")
+            for sub in module.modules():
+                if id(sub) in owner:
+                    raise ValueError(
+                        f"split_model: {name!r} overlaps {owner[id(sub)]!r}; each module belongs "
+                        "to one part"
+                    )
+                owner[id(sub)] = name
+            modules.append(module)
+        return modules
+
+    stem_modules = resolve(stem_names)
+    block_modules = [resolve(group) for group in block_names]
+    head_modules = resolve(head_names)
+    missing = [
+        name
+        for name, module in model.named_modules()
+        if module is not model
+        and id(module) not in owner
+        and (
+            next(module.parameters(recurse=False), None) is not None
+            or next(module.buffers(recurse=False), None) is not None
+        )
+    ]
+    if missing:
+        raise ValueError(
+            f"split_model: modules with parameters or buffers are in no part: {missing}"
+        )
+    # torch.flatten(x, 1) before the classifier is the one functional op a chain may hold.
+    for k, module in enumerate(head_modules):
+        if any(isinstance(m, nn.Linear) for m in module.modules()):
+            if not (k > 0 and isinstance(head_modules[k - 1], nn.Flatten)):
+                head_modules.insert(k, nn.Flatten(1))
+                head_names.insert(k, "flatten")
+            break
+
+    def chain(modules: list[nn.Module]) -> nn.Module:
+        if not modules:
+            return nn.Identity()
+        return modules[0] if len(modules) == 1 else nn.Sequential(*modules)
+
+    return BlockSplit(
+        chain(stem_modules),
+        [chain(group) for group in block_modules],
+        chain(head_modules),
+        (stem_names, block_names, head_names),
+    )
+
+
+class FrozenPartner:
+    """A frozen reference network seen through its split: BWRF's FP twin, Block-KD's teacher.
+
+    Freezes the model in place: ``requires_grad_(False)`` and eval mode, kept in eval mode at
+    every use (a ``.train()`` from outside is undone), so its BatchNorm is an affine map and
+    its running statistics never change. Not an ``nn.Module``, so a wrapper holding one does not
+    hand its parameters to an optimizer nor put them in its ``state_dict``.
+
+    Gradients still flow *through* it: a branch input that requires grad gets its gradient, the
+    partner's parameters get none.
+
+    Args:
+        model: the reference network (frozen in place).
+        split: its BlockSplit.
+    """
+
+    def __init__(self, model: nn.Module, split: BlockSplit) -> None:
+        self.model = model
+        self.split = split
+        model.requires_grad_(False)
+        model.eval()
+        split.eval()
+
+    def ensure_frozen(self) -> None:
+        """Puts every module back in eval mode if anything switched one to train mode."""
+        if any(m.training for m in self.model.modules()) or self.split.training:
+            self.model.eval()
+            self.split.eval()
+
+    @torch.no_grad()
+    def block_outputs_and_logits(
+        self, x: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The partner's full forward without grad: (its block outputs h_1..h_N, its output)."""
+        self.ensure_frozen()
+        outputs = self.split.block_outputs(x)
+        return outputs, self.split.head(outputs[-1])
+
+    def run_block(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Runs partner block j (0-based) on x, with autograd to x.
+
+        Every branch goes through here: the hook point for a memory-lean execution of frozen
+        blocks (saving only what input gradients need), which can replace this method.
+        """
+        return self.split.run_block(j, x)
+
+    def run_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Runs the partner's head on x, with autograd to x."""
+        return self.split.head(x)
+
+    def branches(
+        self, entries: Mapping[int, torch.Tensor], batched: bool = True
+    ) -> dict[int, torch.Tensor]:
+        """Runs branches through the partner's blocks and head.
+
+        Branch k enters the partner at block k (0-based), i.e. ``entries[k]`` is the input of
+        block k and has the shape of partner block k-1's output; it then runs blocks k..N-1 and
+        the head. With ``batched``, at each block every branch passing through it is
+        concatenated along dim 0 and the block runs once (exact since the partner is in eval
+        mode: no batch statistics); the naive loop runs each branch on its own.
+
+        Args:
+            entries: block index (1..N-1; 0 means the whole network) -> (B_k, ...) input.
+            batched: one call per block (True) or one call per branch and block (False).
+
+        Returns:
+            block index -> the partner's output for that branch, (B_k, ...), same keys.
+        """
+        self.ensure_frozen()
+        num_blocks = self.split.num_blocks
+        for k in entries:
+            if not 0 <= k < num_blocks:
+                raise ValueError(
+                    f"FrozenPartner.branches: entry block must be in [0, {num_blocks - 1}], got {k}"
+                )
+        order = sorted(entries)
+        if not batched:
+            outputs = {}
+            for k in order:
+                x = entries[k]
+                for j in range(k, num_blocks):
+                    x = self.run_block(j, x)
+                outputs[k] = self.run_head(x)
+            return outputs
+        if not order:
+            return {}
+        running: list[int] = []  # branches in the stack, in stacking order
+        sizes: list[int] = []
+        stacked: torch.Tensor | None = None
+        for j in range(order[0], num_blocks):
+            if j in entries:
+                parts = [stacked] if stacked is not None else []
+                stacked = torch.cat([*parts, entries[j]]) if parts else entries[j]
+                running.append(j)
+                sizes.append(entries[j].shape[0])
+            stacked = self.run_block(j, stacked)
+        logits = self.run_head(stacked)
+        return dict(zip(running, logits.split(sizes), strict=True))

@@ -1,0 +1,274 @@
+"""BWRF: a frozen full-precision partner grafted block by block onto a low-precision model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bwrf_ext.blocks import BlockSplit, FrozenPartner, split_model
+from bwrf_ext.losses import ce_and_kd
+
+__all__ = ["BWRF", "BWRFConfig", "BWRFOutput"]
+
+
+@dataclass(frozen=True)
+class BWRFConfig:
+    """Options of :class:`BWRF`; the defaults are those of DESIGN.md §1.1.
+
+    The loss is ``lp_weight * [CE(z_Q, y) + alpha * KD_T(z_Q || z_F)]
+    + sum_i w_i * [CE(z_Mi, y) + alpha * KD_T(z_Mi || z_F)]`` with
+    ``KD_T = T^2 * KL(softmax(z_F/T) || softmax(z/T))``; z_Q the LP logits, z_F the FP logits,
+    z_Mi the logits of the mixed-precision model M^i (LP blocks 1..i, then FP blocks i+1..N and
+    FP head).
+
+    Attributes:
+        alpha: KD weight, for the LP model and every branch.
+        temperature: KD temperature T.
+        branch_weights: "uniform" (w_i = 1), "geometric" (w_i = 2^-(N-i): the branch with the
+            most LP blocks weighs most) or one float per selected branch, in branch order.
+        branches: which M^i to build (i in 1..N-1); None for all, () for none (LP CE + KD only).
+        lp_loss: include the LP terms in the total (off: they are still reported, detached).
+        detach_branch_inputs: feed h_i.detach() to the branches, so MP losses give the LP
+            blocks no gradient (an ablation: the branches then only report).
+        batched: run all branches through an FP block as one call (exact, faster); False is the
+            naive loop over branches, kept as a reference.
+    """
+
+    alpha: float = 1.0
+    temperature: float = 2.0
+    branch_weights: Literal["uniform", "geometric"] | tuple[float, ...] = "uniform"
+    branches: tuple[int, ...] | None = None
+    lp_loss: bool = True
+    detach_branch_inputs: bool = False
+    batched: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.alpha >= 0:
+            raise ValueError(f"BWRFConfig: alpha must be >= 0, got {self.alpha}")
+        if not self.temperature > 0:
+            raise ValueError(f"BWRFConfig: temperature must be > 0, got {self.temperature}")
+        if isinstance(self.branch_weights, str):
+            if self.branch_weights not in ("uniform", "geometric"):
+                raise ValueError(
+                    "BWRFConfig: branch_weights must be 'uniform', 'geometric' or a tuple of "
+                    f"floats, got {self.branch_weights!r}"
+                )
+        else:
+            object.__setattr__(self, "branch_weights", tuple(float(w) for w in self.branch_weights))
+        if self.branches is not None:
+            object.__setattr__(self, "branches", tuple(int(i) for i in self.branches))
+            if len(set(self.branches)) != len(self.branches):
+                raise ValueError(f"BWRFConfig: branches has duplicates: {self.branches}")
+
+    def resolve(self, num_blocks: int) -> dict[int, float]:
+        """Branch index i -> weight w_i, for a split into num_blocks blocks."""
+        branches = self.branches if self.branches is not None else tuple(range(1, num_blocks))
+        for i in branches:
+            if not 1 <= i <= num_blocks - 1:
+                raise ValueError(
+                    f"BWRFConfig: branch {i} does not exist; with {num_blocks} blocks the "
+                    f"branches are 1..{num_blocks - 1}"
+                )
+        branches = tuple(sorted(branches))
+        if self.branch_weights == "uniform":
+            weights: Sequence[float] = [1.0] * len(branches)
+        elif self.branch_weights == "geometric":
+            weights = [2.0 ** -(num_blocks - i) for i in branches]
+        else:
+            weights = self.branch_weights
+            if len(weights) != len(branches):
+                raise ValueError(
+                    f"BWRFConfig: {len(weights)} branch_weights for {len(branches)} branches "
+                    f"{branches}"
+                )
+        return dict(zip(branches, weights, strict=True))
+
+
+@dataclass
+class BWRFOutput:
+    """What one BWRF forward returns.
+
+    Attributes:
+        lp_logits: (B, C) logits of the LP model, z_Q.
+        fp_logits: (B, C) logits of the FP partner, z_F (no grad); None in eval mode.
+        mp_logits: branch i -> (B, C) logits of M^i; empty in eval mode.
+        losses: every term, unweighted: "lp_ce", "lp_kd", "mp{i}_ce", "mp{i}_kd" (eval mode:
+            "lp_ce" when labels are given). Terms outside the total are detached.
+        loss_weights: the coefficient of each term in ``loss``;
+            ``loss == sum(loss_weights[k] * losses[k])``.
+        loss: the total, 0-dim; None in eval mode without labels.
+    """
+
+    lp_logits: torch.Tensor
+    fp_logits: torch.Tensor | None = None
+    mp_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
+
+
+class BWRF(nn.Module):
+    """Block-wise replacement framework for QAT: an LP model trained with a frozen FP partner.
+
+    Works with any LP model that splits into the same blocks as its FP partner, however it was
+    quantized (``bwrf_ext.quantize_model``, another fake-quant module, or none): the wrapper
+    only runs blocks. In train mode one call runs the LP model once keeping its block outputs
+    h_1..h_N, the FP partner under no_grad for z_F, and the MP branches M^i: h_i through FP
+    blocks i+1..N and the FP head, batched by default. MP gradients reach LP blocks 1..i
+    through the frozen FP blocks. In eval mode only the LP model runs.
+
+    The FP partner is frozen in place (``requires_grad_(False)``, eval mode kept through
+    ``.train()``) and held outside the module tree: ``parameters()`` and ``state_dict()`` are the
+    LP model's only, so ``torch.optim.SGD(bwrf.parameters(), ...)`` trains the LP model alone,
+    and a checkpoint is ``bwrf.lp_model.state_dict()``. ``.to()``/``.cuda()`` move the partner
+    too. For inference keep ``bwrf.lp_model``.
+
+    Example::
+
+        fp = pretrained_cifar_resnet(20)
+        lp = quantize_model(fp, w_bits=2, a_bits=2)
+        bwrf = BWRF(lp, fp, BWRFConfig())
+        optimizer = torch.optim.SGD(bwrf.parameters(), lr=0.01, momentum=0.9)
+        out = bwrf(images, labels)
+        out.loss.backward()
+
+    Args:
+        lp_model: the model to train (its quantizers may initialise lazily on the first call).
+        fp_model: the full-precision partner; frozen in place, never modified.
+        config: loss and branch options (default BWRFConfig()).
+        lp_split, fp_split: explicit splits (from :func:`bwrf_ext.blocks.split_model` with
+            module names) for models without an automatic one.
+    """
+
+    def __init__(
+        self,
+        lp_model: nn.Module,
+        fp_model: nn.Module,
+        config: BWRFConfig | None = None,
+        *,
+        lp_split: BlockSplit | None = None,
+        fp_split: BlockSplit | None = None,
+    ) -> None:
+        super().__init__()
+        if lp_model is fp_model:
+            raise ValueError("BWRF: lp_model and fp_model must be two models, got the same one")
+        fp_params = {id(p) for p in fp_model.parameters()}
+        shared = [n for n, p in lp_model.named_parameters() if id(p) in fp_params]
+        if shared:
+            raise ValueError(
+                f"BWRF: lp_model shares parameters with fp_model ({shared[:3]}...); quantize a "
+                "copy (quantize_model(fp_model, ..., inplace=False))"
+            )
+        self.config = config or BWRFConfig()
+        self.lp_model = lp_model
+        lp_split = lp_split or split_model(lp_model)
+        fp_split = fp_split or split_model(fp_model)
+        _check_split_of(lp_split, lp_model, "lp_split")
+        _check_split_of(fp_split, fp_model, "fp_split")
+        if lp_split.num_blocks != fp_split.num_blocks:
+            raise ValueError(
+                f"BWRF: the LP model splits into {lp_split.num_blocks} blocks, the FP partner "
+                f"into {fp_split.num_blocks}; they must split the same way"
+            )
+        self.branch_weights = self.config.resolve(lp_split.num_blocks)
+        # Through __dict__: as registered children the split would duplicate the LP model's
+        # state_dict keys and the partner would reach the optimizer.
+        self.__dict__["lp_split"] = lp_split
+        self.__dict__["partner"] = FrozenPartner(fp_model, fp_split)
+
+    @property
+    def fp_model(self) -> nn.Module:
+        """The frozen FP partner."""
+        return self.partner.model
+
+    @property
+    def num_blocks(self) -> int:
+        """N, the number of blocks of both models."""
+        return self.lp_split.num_blocks
+
+    def lp_parameters(self) -> Iterator[nn.Parameter]:
+        """The LP model's parameters (the same as ``parameters()``), for the optimizer."""
+        return self.lp_model.parameters()
+
+    def train(self, mode: bool = True) -> BWRF:
+        """Sets the LP model's mode; the FP partner stays in eval mode."""
+        super().train(mode)
+        self.lp_split.train(mode)
+        self.partner.ensure_frozen()
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda()/.half() reach the unregistered partner and the split's own glue modules.
+        super()._apply(fn, recurse)
+        self.partner.model._apply(fn, recurse)
+        self.partner.split._apply(fn, recurse)
+        self.lp_split._apply(fn, recurse)
+        return self
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> BWRFOutput:
+        """One BWRF forward.
+
+        Args:
+            x: a batch the models take, e.g. (B, 3, H, W) float.
+            y: (B,) int64 labels; required in train mode.
+
+        Returns:
+            A BWRFOutput; in eval mode only ``lp_logits`` (and "lp_ce"/``loss`` when y is given).
+        """
+        if not self.training:
+            logits = self.lp_model(x)
+            if y is None:
+                return BWRFOutput(lp_logits=logits)
+            ce = F.cross_entropy(logits.float(), y)
+            return BWRFOutput(logits, losses={"lp_ce": ce}, loss_weights={"lp_ce": 1.0}, loss=ce)
+        if y is None:
+            raise ValueError("BWRF.forward: labels y are required in train mode")
+        config = self.config
+        lp_outputs = self.lp_split.block_outputs(x)
+        lp_logits = self.lp_split.head(lp_outputs[-1])
+        fp_outputs, fp_logits = self.partner.block_outputs_and_logits(x)
+        entries = {}
+        for i in self.branch_weights:
+            h = lp_outputs[i - 1]
+            if h.shape[1:] != fp_outputs[i - 1].shape[1:]:
+                raise ValueError(
+                    f"BWRF: LP block {i} outputs {tuple(h.shape)}, FP block {i} "
+                    f"{tuple(fp_outputs[i - 1].shape)}; branch {i} needs them to match"
+                )
+            entries[i] = h.detach() if config.detach_branch_inputs else h
+        # Entering the partner at 0-based block i means running FP blocks i+1..N (1-based).
+        mp_logits = self.partner.branches(entries, batched=config.batched)
+
+        losses: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
+        scored = [("lp", lp_logits, 1.0 if config.lp_loss else 0.0)]
+        scored += [(f"mp{i}", mp_logits[i], w) for i, w in self.branch_weights.items()]
+        total = None
+        for name, logits, weight in scored:
+            if weight == 0.0:
+                logits = logits.detach()  # reported only: keep it out of the graph
+            ce, kd = ce_and_kd(logits, y, fp_logits, config.temperature)
+            terms = ((f"{name}_ce", ce, weight), (f"{name}_kd", kd, weight * config.alpha))
+            for term, value, w in terms:
+                losses[term] = value if w else value.detach()
+                weights[term] = w
+                if w:
+                    total = w * value if total is None else total + w * value
+        if total is None:
+            raise ValueError(
+                "BWRF.forward: every loss term has weight 0 (lp_loss=False and no branches)"
+            )
+        return BWRFOutput(lp_logits, fp_logits, mp_logits, losses, weights, total)
+
+
+def _check_split_of(split: BlockSplit, model: nn.Module, what: str) -> None:
+    """Raises ValueError unless every parameter of the split belongs to the model."""
+    own = {id(p) for p in model.parameters()}
+    foreign = [n for n, p in split.named_parameters() if id(p) not in own]
+    if foreign:
+        raise ValueError(f"BWRF: {what} holds parameters not in its model: {foreign[:3]}")
