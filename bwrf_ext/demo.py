@@ -1,8 +1,8 @@
-"""`make demo`: FP training, then 4- and 2-bit LSQ fine-tuning from it, on scikit-learn's digits.
+"""`make demo`: FP training, then 2-bit LSQ and 2-bit BWRF from it, on scikit-learn's digits.
 
-Needs no download (the digits ship inside scikit-learn) and runs in about a minute on 2 CPU cores.
-It prints an accuracy table and writes accuracy curves to runs/demo/. The full training CLI
-(BWRF, Block-KD, ContSup, real data sets) is `bwrf-train` once it lands; this is its small twin.
+Needs no download (the digits ship inside scikit-learn) and runs in about a minute on 2 idle CPU
+cores. It prints an accuracy table and writes accuracy curves to runs/demo/. The full training
+CLI (real data sets, Block-KD, ContSup) is `bwrf-train` once it lands; this is its small twin.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import bwrf_ext
+from bwrf_ext.blocks import split_model
 
 
 def digits_loaders(batch_size: int, seed: int):
@@ -59,15 +60,15 @@ def accuracy(model: nn.Module, loader) -> float:
     return 100.0 * correct / len(loader.dataset)
 
 
-def train(model, train_loader, test_loader, epochs: int, lr: float, label: str) -> list[float]:
-    """SGD + cosine; returns the test accuracy after each epoch."""
+def train(model, loss_fn, train_loader, test_loader, epochs: int, lr: float, label: str):
+    """SGD + cosine on loss_fn(x, y) over model's parameters; test accuracy after each epoch."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(train_loader))
     curve = []
     for epoch in range(epochs):
         model.train()
         for x, y in train_loader:
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -75,6 +76,16 @@ def train(model, train_loader, test_loader, epochs: int, lr: float, label: str) 
         curve.append(accuracy(model, test_loader))
         print(f"  {label:>10} epoch {epoch + 1:2d}/{epochs}  test acc {curve[-1]:6.2f} %")
     return curve
+
+
+def cross_entropy_of(model):
+    return lambda x, y: F.cross_entropy(model(x), y)
+
+
+def small_cnn_split(model: nn.Module, example: torch.Tensor):
+    """small_cnn's three conv-BN-ReLU stages as blocks, pool/flatten/linear as the head."""
+    blocks = [["0", "1", "2"], ["3", "4", "5"], ["6", "7", "8"]]
+    return split_model(model, blocks=blocks, head=["9", "10", "11"], example_input=example)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,16 +105,25 @@ def main(argv: list[str] | None = None) -> None:
     results, curves = [], {}
     start = time.perf_counter()
     fp_model = small_cnn()
-    curves["FP32"] = train(fp_model, train_loader, test_loader, args.fp_epochs, 0.05, "FP32")
+    curves["FP32"] = train(fp_model, cross_entropy_of(fp_model), train_loader, test_loader,
+                           args.fp_epochs, 0.05, "FP32")
     results.append(("FP32", "-", curves["FP32"][-1], time.perf_counter() - start))
-    for bits in (4, 2):
+    first_batch = next(iter(train_loader))[0]  # initialises the activation step sizes
+    for method in ("LSQ", "BWRF"):
         start = time.perf_counter()
         torch.manual_seed(args.seed)
-        # Quantizers initialise their step sizes from the FP weights and the first batch.
-        qmodel = bwrf_ext.quantize_model(copy.deepcopy(fp_model), w_bits=bits, a_bits=bits,
-                                         first_last_bits=8)
-        label = f"LSQ W{bits}A{bits}"
-        curves[label] = train(qmodel, train_loader, test_loader, args.qat_epochs, 0.01, label)
+        lp_model = bwrf_ext.quantize_model(fp_model, w_bits=2, a_bits=2, first_last_bits=8)
+        if method == "LSQ":
+            loss_fn = cross_entropy_of(lp_model)
+        else:  # the frozen FP model guides the LP one through mixed-precision branches
+            partner = copy.deepcopy(fp_model)
+            bwrf = bwrf_ext.BWRF(lp_model, partner,
+                                 lp_split=small_cnn_split(lp_model, first_batch),
+                                 fp_split=small_cnn_split(partner, first_batch))
+            loss_fn = lambda x, y, bwrf=bwrf: bwrf(x, y).loss  # noqa: E731
+        label = f"{method} W2A2"
+        curves[label] = train(lp_model, loss_fn, train_loader, test_loader, args.qat_epochs,
+                              0.01, label)
         results.append((label, "first/last 8-bit", curves[label][-1], time.perf_counter() - start))
 
     print("\n| model | notes | test accuracy | time |\n|---|---|---:|---:|")
@@ -124,7 +144,7 @@ def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, curve in curves.items():
         ax.plot(range(1, len(curve) + 1), curve, marker="o", ms=3, label=label)
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="digits: FP and LSQ from it")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="digits: FP, then 2-bit from it")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
