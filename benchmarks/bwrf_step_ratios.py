@@ -10,7 +10,10 @@ initialised by one forward before timing:
 - ``lsq``: LSQ QAT alone, cross-entropy on the LP logits;
 - ``bwrf_naive``: ``BWRF(lp, fp, BWRFConfig(batched=False))``: LP forward, FP forward (no grad),
   branches M^1 and M^2 each run through the FP blocks on their own;
-- ``bwrf_batched`` (ours): the default ``BWRF``: at each FP block all branches in one call.
+- ``bwrf_batched`` (ours): the default ``BWRF``: at each FP block all branches in one call,
+  through the memory-lean partner (``bwrf_ext.lean``);
+- ``bwrf_plain``: ``BWRFConfig(lean_partner=False)``: batched, the partner on plain autograd
+  (benchmarks/lean_partner_ratios.py compares it with bwrf_batched).
 
 Time: interleaved rounds of ``torch.utils.benchmark.Timer.blocked_autorange``, medians. Memory,
 two measures (tracemalloc does not see torch's CPU allocator):
@@ -55,7 +58,7 @@ from bwrf_ext.models import resnet20  # noqa: E402
 BATCH = 128
 W_BITS = A_BITS = 2
 TARGET, STRETCH = 1.8, 1.6
-VARIANTS = ("bwrf_batched", "lsq", "bwrf_naive")
+VARIANTS = ("bwrf_batched", "lsq", "bwrf_naive", "bwrf_plain")
 RSS_STEPS = 3
 
 
@@ -106,7 +109,9 @@ def make_step(variant: str, device: torch.device, batch: int = BATCH) -> TrainSt
     if variant == "lsq":
         model, partner = lp, None
     else:
-        config = bwrf_ext.BWRFConfig(batched=variant == "bwrf_batched")
+        config = bwrf_ext.BWRFConfig(
+            batched=variant != "bwrf_naive", lean_partner=variant != "bwrf_plain"
+        )
         model, partner = bwrf_ext.BWRF(lp, fp, config).train(), fp
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     return TrainStep(variant, model, lp, partner, optimizer, x, y)

@@ -10,10 +10,11 @@ from bwrf_ext.convert import (
     set_quantization_enabled,
 )
 from bwrf_ext.export import QuantizedLayer, export_onnx, export_quantized, onnx_export_mode
+from bwrf_ext.lean import lean_report, make_lean
 from bwrf_ext.losses import kd_loss
 from bwrf_ext.methods import BWRF, BWRFConfig, BWRFOutput
 from bwrf_ext.nn import LSQQuantizer, QuantConfig, QuantConv2d, QuantLinear
-from bwrf_ext.ops import lsq_fake_quant, lsq_fake_quant_backward
+from bwrf_ext.ops import lsq_fake_quant, lsq_fake_quant_backward, pack_mask, unpack_mask_mul
 
 __all__ = [
     "BWRF",
@@ -32,12 +33,16 @@ __all__ = [
     "export_quantized",
     "freeze_scales",
     "kd_loss",
+    "lean_report",
     "lsq_fake_quant",
     "lsq_fake_quant_backward",
+    "make_lean",
     "onnx_export_mode",
+    "pack_mask",
     "quantization_report",
     "quantize_model",
     "set_quantization_enabled",
     "split_model",
+    "unpack_mask_mul",
 ]
 __version__ = "0.1.0"

@@ -337,23 +337,54 @@ class FrozenPartner:
     Gradients still flow *through* it: a branch input that requires grad gets its gradient, the
     partner's parameters get none.
 
+    With ``lean`` (the default) the branches run through a memory-lean copy of the blocks and
+    head (:func:`bwrf_ext.lean.make_lean`, sharing the partner's weights): backward computes the
+    same input gradients while saving a 1-bit mask per ReLU output instead of every conv and
+    BatchNorm input. Layers the lean copy does not know run on plain autograd;
+    ``lean_report()`` names them. The no-grad full forward always runs the original modules.
+
     Args:
         model: the reference network (frozen in place).
         split: its BlockSplit.
+        lean: run the branches through the lean copy (False: plain autograd).
     """
 
-    def __init__(self, model: nn.Module, split: BlockSplit) -> None:
+    def __init__(self, model: nn.Module, split: BlockSplit, lean: bool = True) -> None:
         self.model = model
         self.split = split
         model.requires_grad_(False)
         model.eval()
         split.eval()
+        self.lean_split: BlockSplit | None = None
+        if lean:
+            from bwrf_ext.lean import make_lean  # bwrf_ext.lean imports the ops, not the engine
+
+            self.lean_split = BlockSplit(
+                make_lean(split.stem), [make_lean(b) for b in split.blocks], make_lean(split.head)
+            )
+
+    def lean_report(self) -> list[str]:
+        """Modules of the lean copy left on plain autograd ("stem.", "blocks.j.", "head." names)."""
+        if self.lean_split is None:
+            return []
+        from bwrf_ext.lean import lean_report
+
+        return lean_report(self.lean_split)
+
+    def _apply(self, fn) -> None:
+        """Applies a module conversion (``.to()``, ``.half()``) to the model and both splits."""
+        self.model._apply(fn)
+        self.split._apply(fn)
+        if self.lean_split is not None:
+            self.lean_split._apply(fn)
 
     def ensure_frozen(self) -> None:
         """Puts every module back in eval mode if anything switched one to train mode."""
         if any(m.training for m in self.model.modules()) or self.split.training:
             self.model.eval()
             self.split.eval()
+        if self.lean_split is not None and self.lean_split.training:
+            self.lean_split.eval()
 
     @torch.no_grad()
     def block_outputs_and_logits(
@@ -370,11 +401,11 @@ class FrozenPartner:
         Every branch goes through here: the hook point for a memory-lean execution of frozen
         blocks (saving only what input gradients need), which can replace this method.
         """
-        return self.split.run_block(j, x)
+        return (self.lean_split or self.split).run_block(j, x)
 
     def run_head(self, x: torch.Tensor) -> torch.Tensor:
         """Runs the partner's head on x, with autograd to x."""
-        return self.split.head(x)
+        return (self.lean_split or self.split).head(x)
 
     def branches(
         self, entries: Mapping[int, torch.Tensor], batched: bool = True

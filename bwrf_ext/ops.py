@@ -192,3 +192,78 @@ def lsq_fake_quant_backward(
     return reference.lsq_fake_quant_backward(
         grad_y, x, scale, qmin, qmax, grad_factor, axis, clip_before_round
     )
+
+
+def _check_mask_args(op: str, packed: torch.Tensor, grad: torch.Tensor) -> None:
+    """Raises a clear error for arguments unpack_mask_mul rejects (the C++ checks' rules)."""
+    if not grad.dtype.is_floating_point:
+        raise TypeError(f"{op}: grad must be a floating-point tensor, got {grad.dtype}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"{op}: packed must be uint8, got {packed.dtype}")
+    if packed.device != grad.device:
+        raise ValueError(
+            f"{op}: packed must be on grad's device {grad.device}, got {packed.device}"
+        )
+    expected = (grad.numel() + 7) // 8
+    if packed.dim() != 1 or packed.shape[0] != expected:
+        raise ValueError(
+            f"{op}: packed must have shape ({expected},) = (ceil(grad.numel() / 8),), "
+            f"got {tuple(packed.shape)}"
+        )
+
+
+if compiled is not None:
+
+    @torch.library.register_fake("bwrf_ext::pack_mask")
+    def _pack_mask_fake(x, lower=0.0, upper=None):
+        torch._check(x.dtype.is_floating_point, lambda: "pack_mask: x must be floating point")
+        return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
+
+    @torch.library.register_fake("bwrf_ext::unpack_mask_mul")
+    def _unpack_mask_mul_fake(packed, grad):
+        _check_mask_args("unpack_mask_mul", packed, grad)
+        return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def pack_mask(x: torch.Tensor, lower: float = 0.0, upper: float | None = None) -> torch.Tensor:
+    """Bit-packs the mask ``lower < x < upper``: 1 bit per element, 32x smaller than fp32.
+
+    Bit i (byte ``i // 8``, bit ``i % 8``, least significant first) is element i of x in logical
+    (row-major) order, whatever x's memory layout; the unused high bits of the last byte are 0.
+    The bit is ``not (x <= lower or x >= upper)``, compared in fp32 (fp64 for float64): NaN gives
+    1, as autograd's ReLU and hardtanh backward let a NaN input's gradient pass. ReLU's backward
+    needs ``x > 0`` (the defaults), ReLU6's ``0 < x < 6``.
+
+    Args:
+        x: (any shape) float32, float64, float16 or bfloat16.
+        lower: exclusive lower bound.
+        upper: exclusive upper bound; None for none.
+
+    Returns:
+        (ceil(x.numel() / 8),) uint8 on x's device.
+    """
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"pack_mask: x must be a floating-point tensor, got {got}")
+    if compiled is not None:
+        return torch.ops.bwrf_ext.pack_mask(x, lower, upper)
+    return reference.pack_mask(x, lower, upper)
+
+
+def unpack_mask_mul(packed: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The backward of a masked identity in one pass: grad where the bit is set, else 0.
+
+    A select, not a product: inf or NaN in grad under a cleared bit gives 0, as autograd's own
+    ReLU backward does.
+
+    Args:
+        packed: (ceil(grad.numel() / 8),) uint8 from :func:`pack_mask` of a tensor of grad's shape.
+        grad: (any shape) floating point.
+
+    Returns:
+        Tensor of grad's shape and dtype, contiguous.
+    """
+    _check_mask_args("unpack_mask_mul", packed, grad)
+    if compiled is not None:
+        return torch.ops.bwrf_ext.unpack_mask_mul(packed, grad)
+    return reference.unpack_mask_mul(packed, grad).contiguous()

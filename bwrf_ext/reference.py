@@ -79,3 +79,32 @@ def lsq_fake_quant_backward(
         grad_scale = per_element.sum(dim=others) if others else per_element
     grad_scale = (grad_scale * grad_factor).reshape(scale.shape).to(scale.dtype)
     return grad_x, grad_scale
+
+
+def pack_mask(x: torch.Tensor, lower: float = 0.0, upper: float | None = None) -> torch.Tensor:
+    """Bit-packs ``not (x <= lower or x >= upper)`` (see ``bwrf_ext.ops.pack_mask``).
+
+    The comparison is made in fp32 (fp64 for a float64 x), as the kernels make it.
+    """
+    v = x.reshape(-1)
+    v = v if v.dtype == torch.float64 else v.float()
+    outside = v <= lower
+    if upper is not None:
+        outside |= v >= upper
+    bits = ~outside  # NaN is inside: autograd's ReLU/hardtanh backward lets its gradient pass
+    pad = -bits.numel() % 8
+    bits = torch.cat([bits, bits.new_zeros(pad)]).reshape(-1, 8).to(torch.uint8)
+    weights = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8, device=x.device)
+    return (bits * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The bool mask of ``numel`` elements (flat) that :func:`pack_mask` packed."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:numel].bool()
+
+
+def unpack_mask_mul(packed: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """grad where the packed bit is set, else 0 (a select: inf/NaN under a 0 bit give 0)."""
+    mask = unpack_mask(packed, grad.numel()).reshape(grad.shape)
+    return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))

@@ -1,4 +1,4 @@
-"""The CMake build of csrc/ (libbwrf_ext_ops.so, for C++ users) registers working ops.
+"""The CMake build of csrc/ (libbwrf_ext_ops.so, for C++ users) registers working ops (all of them).
 
 `make test` builds it and passes its path in BWRF_EXT_CMAKE_LIB. It is loaded in a fresh process
 with the Python extension switched off, since both register the same op library.
@@ -26,6 +26,10 @@ for axis, scale in ((None, torch.tensor([0.3])), (1, torch.rand(5) + 0.1)):
     assert torch.equal(y, reference.lsq_fake_quant(x, scale, -4, 3, axis))
     assert torch.equal(gx, rgx)
     torch.testing.assert_close(gs, rgs, rtol=1e-5, atol=1e-5)
+packed = torch.ops.bwrf_ext.pack_mask(x, 0.0, None)
+assert torch.equal(packed, reference.pack_mask(x))
+grad = torch.ops.bwrf_ext.unpack_mask_mul(packed, grad_y)
+assert torch.equal(grad, reference.unpack_mask_mul(packed, grad_y))
 print("ok")
 """
 

@@ -37,6 +37,9 @@ class BWRFConfig:
             blocks no gradient (an ablation: the branches then only report).
         batched: run all branches through an FP block as one call (exact, faster); False is the
             naive loop over branches, kept as a reference.
+        lean_partner: run the branches through a memory-lean copy of the FP blocks
+            (:mod:`bwrf_ext.lean`: same gradients, a 1-bit mask per ReLU instead of every conv
+            and BatchNorm input saved); False for plain autograd.
     """
 
     alpha: float = 1.0
@@ -46,6 +49,7 @@ class BWRFConfig:
     lp_loss: bool = True
     detach_branch_inputs: bool = False
     batched: bool = True
+    lean_partner: bool = True
 
     def __post_init__(self) -> None:
         if not self.alpha >= 0:
@@ -179,7 +183,7 @@ class BWRF(nn.Module):
         # Through __dict__: as registered children the split would duplicate the LP model's
         # state_dict keys and the partner would reach the optimizer.
         self.__dict__["lp_split"] = lp_split
-        self.__dict__["partner"] = FrozenPartner(fp_model, fp_split)
+        self.__dict__["partner"] = FrozenPartner(fp_model, fp_split, lean=self.config.lean_partner)
 
     @property
     def fp_model(self) -> nn.Module:
@@ -205,8 +209,7 @@ class BWRF(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         # .to()/.cuda()/.half() reach the unregistered partner and the split's own glue modules.
         super()._apply(fn, recurse)
-        self.partner.model._apply(fn, recurse)
-        self.partner.split._apply(fn, recurse)
+        self.partner._apply(fn)
         self.lp_split._apply(fn, recurse)
         return self
 
@@ -229,16 +232,21 @@ class BWRF(nn.Module):
         if y is None:
             raise ValueError("BWRF.forward: labels y are required in train mode")
         config = self.config
+        # The FP forward runs first, while no LP activation is held yet, and only the shapes of
+        # its block outputs are kept: its transient memory then never adds to the LP forward's
+        # saved activations, the step's peak.
+        fp_outputs, fp_logits = self.partner.block_outputs_and_logits(x)
+        fp_shapes = [o.shape for o in fp_outputs]
+        del fp_outputs
         lp_outputs = self.lp_split.block_outputs(x)
         lp_logits = self.lp_split.head(lp_outputs[-1])
-        fp_outputs, fp_logits = self.partner.block_outputs_and_logits(x)
         entries = {}
         for i in self.branch_weights:
             h = lp_outputs[i - 1]
-            if h.shape[1:] != fp_outputs[i - 1].shape[1:]:
+            if h.shape[1:] != fp_shapes[i - 1][1:]:
                 raise ValueError(
                     f"BWRF: LP block {i} outputs {tuple(h.shape)}, FP block {i} "
-                    f"{tuple(fp_outputs[i - 1].shape)}; branch {i} needs them to match"
+                    f"{tuple(fp_shapes[i - 1])}; branch {i} needs them to match"
                 )
             entries[i] = h.detach() if config.detach_branch_inputs else h
         # Entering the partner at 0-based block i means running FP blocks i+1..N (1-based).
