@@ -43,7 +43,7 @@ from benchmarks.bwrf_step_ratios import (  # noqa: E402
     peak_rss,
     saved_tensor_bytes,
 )
-from benchmarks.report import (  # noqa: E402  # noqa: E402
+from benchmarks.report import (  # noqa: E402
     BUSY_SHARE,
     Run,
     add_common_arguments,
