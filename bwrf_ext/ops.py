@@ -155,11 +155,11 @@ def lsq_fake_quant(
     Returns:
         Tensor of x's shape and dtype.
     """
-    check_lsq_args("lsq_fake_quant", x, scale, qmin, qmax, grad_factor, axis)
-    if compiled is not None:
+    if compiled is not None:  # the C++ op checks its arguments with the same messages
         return torch.ops.bwrf_ext.lsq_fake_quant(
             x, scale, qmin, qmax, grad_factor, axis, clip_before_round
         )
+    check_lsq_args("lsq_fake_quant", x, scale, qmin, qmax, grad_factor, axis)
     return _ReferenceLSQFakeQuant.apply(x, scale, qmin, qmax, grad_factor, axis, clip_before_round)
 
 
@@ -179,15 +179,15 @@ def lsq_fake_quant_backward(
     Returns:
         (grad_x, grad_scale): grad_x like x; grad_scale with scale's shape and dtype.
     """
+    if compiled is not None:  # the C++ op checks its arguments with the same messages
+        return torch.ops.bwrf_ext.lsq_fake_quant_backward(
+            grad_y, x, scale, qmin, qmax, grad_factor, axis, clip_before_round
+        )
     check_lsq_args("lsq_fake_quant_backward", x, scale, qmin, qmax, grad_factor, axis)
     if grad_y.shape != x.shape:
         raise ValueError(
             f"lsq_fake_quant_backward: grad_y must have x's shape {tuple(x.shape)}, "
             f"got {tuple(grad_y.shape)}"
-        )
-    if compiled is not None:
-        return torch.ops.bwrf_ext.lsq_fake_quant_backward(
-            grad_y, x, scale, qmin, qmax, grad_factor, axis, clip_before_round
         )
     return reference.lsq_fake_quant_backward(
         grad_y, x, scale, qmin, qmax, grad_factor, axis, clip_before_round
