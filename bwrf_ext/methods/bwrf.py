@@ -238,19 +238,32 @@ class BWRF(nn.Module):
         fp_outputs, fp_logits = self.partner.block_outputs_and_logits(x)
         fp_shapes = [o.shape for o in fp_outputs]
         del fp_outputs
-        lp_outputs = self.lp_split.block_outputs(x)
-        lp_logits = self.lp_split.head(lp_outputs[-1])
+        # The branches are built after LP block max(i) and before the LP blocks above it. The
+        # autograd engine runs later-recorded nodes first, so backward frees the saved
+        # activations of those upper LP blocks before the branches' backward runs, and the
+        # gradients the branches leave pending on h_i never stack on the whole LP backbone
+        # (the step's peak memory then stays that of LSQ's backward plus the lean branches).
+        split = self.lp_split
+        last_entry = max(self.branch_weights, default=0)
+        lp_outputs: list[torch.Tensor] = []
+        h = x
+        for j in range(last_entry):
+            h = split.run_block(j, h)
+            lp_outputs.append(h)
         entries = {}
         for i in self.branch_weights:
-            h = lp_outputs[i - 1]
-            if h.shape[1:] != fp_shapes[i - 1][1:]:
+            h_i = lp_outputs[i - 1]
+            if h_i.shape[1:] != fp_shapes[i - 1][1:]:
                 raise ValueError(
-                    f"BWRF: LP block {i} outputs {tuple(h.shape)}, FP block {i} "
+                    f"BWRF: LP block {i} outputs {tuple(h_i.shape)}, FP block {i} "
                     f"{tuple(fp_shapes[i - 1])}; branch {i} needs them to match"
                 )
-            entries[i] = h.detach() if config.detach_branch_inputs else h
+            entries[i] = h_i.detach() if config.detach_branch_inputs else h_i
         # Entering the partner at 0-based block i means running FP blocks i+1..N (1-based).
         mp_logits = self.partner.branches(entries, batched=config.batched)
+        for j in range(last_entry, split.num_blocks):
+            h = split.run_block(j, h)
+        lp_logits = split.head(h)
 
         losses: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
