@@ -287,6 +287,28 @@ class BWRF(nn.Module):
         return BWRFOutput(lp_logits, fp_logits, mp_logits, losses, weights, total)
 
 
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of every model involved, without grad, in the current mode of the LP model.
+
+        For tracking how the branches fare during training (DESIGN.md §1.1's figure of the MP
+        models against the LP backbone); call ``.eval()`` first for test accuracy.
+
+        Args:
+            x: a batch, e.g. (B, 3, H, W).
+
+        Returns:
+            "lp": the LP model, "fp": the FP partner, "mp{i}": each branch M^i; (B, C) each.
+        """
+        fp_logits = self.partner.block_outputs_and_logits(x)[1]
+        lp_outputs = self.lp_split.block_outputs(x)
+        logits = {"lp": self.lp_split.head(lp_outputs[-1]), "fp": fp_logits}
+        entries = {i: lp_outputs[i - 1] for i in self.branch_weights}
+        branches = self.partner.branches(entries, batched=self.config.batched)
+        logits.update({f"mp{i}": branches[i] for i in sorted(branches)})
+        return logits
+
+
 def _check_split_of(split: BlockSplit, model: nn.Module, what: str) -> None:
     """Raises ValueError unless every parameter of the split belongs to the model."""
     own = {id(p) for p in model.parameters()}

@@ -66,16 +66,17 @@ class CifarResNet(nn.Module):
     Args:
         blocks_per_stage: n (3/5/7/9 for ResNet-20/32/44/56).
         num_classes: outputs of the linear head.
+        in_channels: image channels (3; 1 for grayscale data).
 
     Shape:
-        (N, 3, H, W) float -> (N, num_classes) logits.
+        (N, in_channels, H, W) float -> (N, num_classes) logits.
     """
 
-    def __init__(self, blocks_per_stage: int, num_classes: int = 10) -> None:
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         if blocks_per_stage < 1:
             raise ValueError(f"CifarResNet: blocks_per_stage must be >= 1, got {blocks_per_stage}")
-        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.layer1 = self._stage(16, 16, blocks_per_stage, stride=1)
         self.layer2 = self._stage(16, 32, blocks_per_stage, stride=2)
@@ -101,28 +102,28 @@ class CifarResNet(nn.Module):
         return self.linear(out)
 
 
-def resnet20(num_classes: int = 10) -> CifarResNet:
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-20 (3 blocks per stage, 0.27 M parameters)."""
-    return cifar_resnet(20, num_classes)
+    return cifar_resnet(20, num_classes, in_channels)
 
 
-def resnet32(num_classes: int = 10) -> CifarResNet:
+def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-32 (5 blocks per stage, 0.46 M parameters)."""
-    return cifar_resnet(32, num_classes)
+    return cifar_resnet(32, num_classes, in_channels)
 
 
-def resnet44(num_classes: int = 10) -> CifarResNet:
+def resnet44(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-44 (7 blocks per stage, 0.66 M parameters)."""
-    return cifar_resnet(44, num_classes)
+    return cifar_resnet(44, num_classes, in_channels)
 
 
-def resnet56(num_classes: int = 10) -> CifarResNet:
+def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet-56 (9 blocks per stage, 0.85 M parameters)."""
-    return cifar_resnet(56, num_classes)
+    return cifar_resnet(56, num_classes, in_channels)
 
 
-def cifar_resnet(depth: int, num_classes: int = 10) -> CifarResNet:
+def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
     """ResNet of a given depth 6n+2 (20, 32, 44, 56, 110, ...)."""
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"cifar_resnet: depth must be 6n+2 with n >= 1, got {depth}")
-    return CifarResNet((depth - 2) // 6, num_classes)
+    return CifarResNet((depth - 2) // 6, num_classes, in_channels)

@@ -1,0 +1,398 @@
+"""Image classification data for training: the embedded digits, Fashion-MNIST, CIFAR, ImageFolder.
+
+Every data set is read from the standard on-disk format (or fetched with ``download=True`` where
+torchvision can); small ones are held in memory as uint8 and augmented per sample with a
+generator seeded by (seed, epoch, index), so a run's data stream does not depend on the number
+of processes, the loader's workers or where a resumed run restarts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from bwrf_ext.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, default_shared_dir
+from bwrf_ext.models.registry import ImageShape
+
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
+# How each data set is augmented by default: (random-crop padding, horizontal flip).
+DEFAULT_AUGMENT = {
+    "digits": "none",
+    "fashion-mnist": "crop-flip",
+    "cifar10": "crop-flip",
+    "cifar100": "crop-flip",
+    "imagefolder": "crop-flip",
+}
+AUGMENTS = ("none", "flip", "crop-flip")
+CIFAR10_JPEG_NPZ = "cifar10_jpeg_q75.npz"
+FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass
+class ImageData:
+    """A loaded data set: train and test splits plus what a model and a log need to know.
+
+    Attributes:
+        name: the data set name (one of DATASETS).
+        train, test: datasets yielding (image (C, H, W) float32 normalised, label int).
+        shape: channels, height, width and number of classes the model sees.
+        classes: class names.
+        source: where the data came from, for the log (a file, a directory, "scikit-learn").
+        mean, std: the per-channel normalisation applied.
+    """
+
+    name: str
+    train: Dataset
+    test: Dataset
+    shape: ImageShape
+    classes: list[str]
+    source: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    notes: list[str] = field(default_factory=list)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseeds the training augmentation for an epoch (no-op for file-backed sets)."""
+        if isinstance(self.train, InMemoryImages):
+            self.train.set_epoch(epoch)
+
+
+class InMemoryImages(Dataset):
+    """uint8 images held in memory, normalised and augmented per sample.
+
+    Args:
+        images: (N, C, H, W) uint8.
+        labels: (N,) int64.
+        mean, std: per-channel normalisation of the [0, 1] pixels.
+        augment: "none", "flip" or "crop-flip" (random crop with zero padding H/8, then flip).
+        seed: base seed of the augmentation; sample i of epoch e uses the stream (seed, e, i).
+        rgb: repeat a single channel three times (for models with an RGB stem).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        augment: str = "none",
+        seed: int = 0,
+        rgb: bool = False,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(
+                f"InMemoryImages: images must be uint8 (N, C, H, W), got {images.dtype} "
+                f"{tuple(images.shape)}"
+            )
+        if augment not in AUGMENTS:
+            raise ValueError(f"InMemoryImages: augment must be one of {AUGMENTS}, got {augment!r}")
+        self.images = images
+        self.labels = labels.long()
+        channels = images.shape[1] * (3 if rgb and images.shape[1] == 1 else 1)
+        self.mean = torch.tensor(mean).repeat(channels // len(mean)).view(-1, 1, 1)
+        self.std = torch.tensor(std).repeat(channels // len(std)).view(-1, 1, 1)
+        self.augment = augment
+        self.seed = seed
+        self.rgb = rgb
+        self.epoch = 0
+        self.padding = images.shape[-1] // 8
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        if self.augment != "none":
+            rng = np.random.default_rng((self.seed, self.epoch, int(index)))
+            if self.augment == "crop-flip" and self.padding:
+                p = self.padding
+                dy, dx = rng.integers(0, 2 * p + 1, size=2)
+                h, w = image.shape[-2:]
+                image = F.pad(image, (p, p, p, p))[:, dy : dy + h, dx : dx + w]
+            if rng.random() < 0.5:
+                image = image.flip(-1)
+        x = image.float().div_(255.0)
+        if self.rgb and x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
+        return (x - self.mean) / self.std, int(self.labels[index])
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 (N, C, H, W) images scaled to [0, 1]."""
+    x = images.float().div_(255.0).transpose(0, 1).reshape(images.shape[1], -1)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+
+
+def load_image_data(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    download: bool = False,
+    augment: str = "auto",
+    normalization: str = "dataset",
+    seed: int = 0,
+    rgb: bool = False,
+    image_size: int = 224,
+) -> ImageData:
+    """Loads a data set by name.
+
+    Args:
+        name: one of DATASETS.
+        data_dir: where to look (None: ``./data``, then the repository's ``../shared/data``, then
+            ``/usr/share/datasets``); ignored for digits.
+        download: fetch CIFAR or Fashion-MNIST into data_dir with torchvision if it is absent.
+        augment: "auto" (the data set's usual: DEFAULT_AUGMENT), or one of AUGMENTS.
+        normalization: "dataset" (the training split's own per-channel statistics) or
+            "imagenet" (ImageNet's mean/std, which the ../shared CIFAR ResNet weights expect);
+            imagefolder always uses ImageNet's.
+        seed: augmentation seed.
+        rgb: give 3-channel images even for grayscale data (torchvision models).
+        image_size: side of the crops for imagefolder.
+
+    Raises:
+        ValueError: an unknown name, augmentation or normalisation.
+        FileNotFoundError: the data is not where it was looked for, naming every place and
+            the option that fetches it.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if augment == "auto":
+        augment = DEFAULT_AUGMENT[name]
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be 'auto' or one of {AUGMENTS}, got {augment!r}")
+    if normalization not in ("dataset", "imagenet"):
+        raise ValueError(
+            f"normalization must be 'dataset' or 'imagenet', got {normalization!r}"
+        )
+    if name == "imagefolder":
+        return _image_folder(data_dir, augment, image_size)
+    loaders = {
+        "digits": _digits,
+        "fashion-mnist": _fashion_mnist,
+        "cifar10": _cifar10,
+        "cifar100": _cifar100,
+    }
+    train, test, classes, source, notes = loaders[name](
+        None if data_dir is None else Path(data_dir), download
+    )
+    if normalization == "imagenet":
+        if train[0].shape[1] != 3:
+            raise ValueError(f"normalization='imagenet' needs RGB images; {name} is grayscale")
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        mean, std = channel_stats(train[0])
+    images = train[0]
+    shape = ImageShape(
+        3 if rgb else images.shape[1], images.shape[2], images.shape[3], len(classes)
+    )
+    return ImageData(
+        name,
+        InMemoryImages(*train, mean, std, augment, seed, rgb),
+        InMemoryImages(*test, mean, std, "none", seed, rgb),
+        shape,
+        classes,
+        source,
+        tuple(mean),
+        tuple(std),
+        notes,
+    )
+
+
+def _search_dirs(data_dir: Path | None, *system: str) -> list[Path]:
+    if data_dir is not None:
+        return [data_dir]
+    return [Path("data"), default_shared_dir() / "data", *(Path(s) for s in system)]
+
+
+def _not_found(what: str, places: list[Path], expected: str, downloadable: bool) -> None:
+    where = ", ".join(str(p) for p in places)
+    hint = " or pass --download to fetch it there" if downloadable else ""
+    raise FileNotFoundError(
+        f"{what} not found: looked for {expected} in {where}; point --data-dir at it{hint}"
+    )
+
+
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def _digits(data_dir: Path | None, download: bool):
+    """scikit-learn's 1,797 8x8 digits (bundled in its wheel), split 80/20 stratified, fixed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    images, labels = load_digits(return_X_y=True)
+    # Pixels are 0..16; stored as uint8 0..255 like every other set.
+    x = torch.from_numpy(np.rint(images * (255.0 / 16.0)).astype(np.uint8)).view(-1, 1, 8, 8)
+    y = torch.from_numpy(labels).long()
+    train_idx, test_idx = train_test_split(
+        np.arange(len(y)), test_size=0.2, stratify=labels, random_state=0
+    )
+    train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    classes = [str(i) for i in range(10)]
+    return (x[train_idx], y[train_idx]), (x[test_idx], y[test_idx]), classes, "scikit-learn", []
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An MNIST-style idx file (optionally .gz) as a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path | None:
+    for sub in ("", "FashionMNIST/raw", "raw"):
+        for suffix in ("", ".gz"):
+            candidate = directory / sub / (stem + suffix)
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _fashion_mnist(data_dir: Path | None, download: bool):
+    places = _search_dirs(data_dir, "/usr/share/datasets/fashion-mnist")
+    if download:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(places[0]), train=True, download=True)
+        FashionMNIST(str(places[0]), train=False, download=True)
+    for directory in places:
+        files = {
+            split: [_find_idx(directory, stem) for stem in stems]
+            for split, stems in FASHION_FILES.items()
+        }
+        if all(p is not None for ps in files.values() for p in ps):
+            splits = []
+            for split in ("train", "test"):
+                images, labels = (_read_idx(p) for p in files[split])
+                splits.append(
+                    (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.copy()))
+                )
+            classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                       "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
+            return splits[0], splits[1], classes, str(directory), []
+    _not_found("Fashion-MNIST", places, "{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]", True)
+
+
+def _cifar_pickles(directory: Path, cifar100: bool, download: bool) -> tuple[Split, Split, list]:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR100 if cifar100 else CIFAR10
+    splits = []
+    for train in (True, False):
+        ds = cls(str(directory), train=train, download=download)
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        splits.append((images, torch.tensor(ds.targets)))
+    return splits[0], splits[1], list(ds.classes)
+
+
+def _cifar10(data_dir: Path | None, download: bool):
+    places = _search_dirs(data_dir)
+    if download:
+        train, test, classes = _cifar_pickles(places[0], False, True)
+        return train, test, classes, str(places[0]), []
+    for directory in places:
+        if (directory / "cifar-10-batches-py").is_dir():
+            train, test, classes = _cifar_pickles(directory, False, False)
+            return train, test, classes, str(directory / "cifar-10-batches-py"), []
+        for folder in (directory, directory / "cifar10_jpeg_q75"):
+            npz = folder / CIFAR10_JPEG_NPZ
+            if npz.is_file():
+                return (*_cifar10_jpeg(npz), [
+                    "CIFAR-10 from the lossy JPEG-q75 copy: accuracies are not comparable with "
+                    "numbers on the exact CIFAR-10 test set"
+                ])
+    _not_found("CIFAR-10", places, f"cifar-10-batches-py/ or {CIFAR10_JPEG_NPZ}", True)
+
+
+def _cifar10_jpeg(npz_path: Path):
+    """The JPEG-q75 CIFAR-10 copy in ../shared/data (class-sorted; see its README)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with np.load(npz_path) as npz:
+        splits = []
+        for split in ("train", "test"):
+            data, offsets = npz[f"{split}_jpeg"], npz[f"{split}_offsets"]
+            buffers = [
+                torch.from_numpy(data[offsets[i] : offsets[i + 1]].copy())
+                for i in range(len(offsets) - 1)
+            ]
+            images = torch.stack(decode_jpeg(buffers, mode=ImageReadMode.RGB))
+            splits.append((images, torch.from_numpy(npz[f"{split}_labels"]).long()))
+        classes = [str(c) for c in npz["classes"]]
+    return splits[0], splits[1], classes, str(npz_path)
+
+
+def _cifar100(data_dir: Path | None, download: bool):
+    places = _search_dirs(data_dir)
+    for directory in places[:1] if download else places:
+        if download or (directory / "cifar-100-python").is_dir():
+            train, test, classes = _cifar_pickles(directory, True, download)
+            return train, test, classes, str(directory / "cifar-100-python"), []
+    _not_found("CIFAR-100", places, "cifar-100-python/", True)
+
+
+def _image_folder(
+    data_dir: str | os.PathLike | None, augment: str, image_size: int
+) -> ImageData:
+    """``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or ``test/``), read lazily."""
+    from torchvision import datasets, transforms
+
+    if data_dir is None:
+        raise ValueError("--dataset imagefolder needs --data-dir (holding train/ and val/)")
+    root = Path(data_dir)
+    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if not (root / "train").is_dir() or test_dir is None:
+        raise FileNotFoundError(
+            f"imagefolder: {root} must hold train/<class>/ and val/<class>/ (or test/<class>/)"
+        )
+    # Natural images: ImageNet statistics either way (a pass over the files to measure the
+    # set's own would cost a whole epoch of decoding).
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    crop = (
+        [transforms.RandomResizedCrop(image_size)] if augment == "crop-flip"
+        else [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+    )  # fmt: skip
+    flip = [transforms.RandomHorizontalFlip()] if augment != "none" else []
+    to_tensor = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    train = datasets.ImageFolder(str(root / "train"), transforms.Compose(crop + flip + to_tensor))
+    test = datasets.ImageFolder(
+        str(test_dir),
+        transforms.Compose(
+            [transforms.Resize(int(image_size * 8 / 7)), transforms.CenterCrop(image_size)]
+            + to_tensor
+        ),
+    )
+    if train.classes != test.classes:
+        raise ValueError(
+            f"imagefolder: train/ and {test_dir.name}/ have different classes "
+            f"({len(train.classes)} vs {len(test.classes)})"
+        )
+    shape = ImageShape(3, image_size, image_size, len(train.classes))
+    return ImageData("imagefolder", train, test, shape, train.classes, str(root), mean, std, [
+        "ImageFolder augmentation draws from the global RNG (not per-sample seeded)"
+    ])
+
+
+__all__ = [
+    "DATASETS",
+    "ImageData",
+    "InMemoryImages",
+    "channel_stats",
+    "load_image_data",
+]

@@ -1,0 +1,104 @@
+"""Models by name: what ``bwrf-train --model`` accepts, and how each one splits into blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bwrf_ext.blocks import BlockSplit, split_model
+from bwrf_ext.models.cifar_resnet import cifar_resnet
+from bwrf_ext.models.small import MLP, SMALL_CNN_SPLIT, SmallCNN, cifar_resnet18
+
+
+@dataclass(frozen=True)
+class ImageShape:
+    """What a data set feeds a model: (channels, height, width) and the number of classes."""
+
+    channels: int
+    height: int
+    width: int
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A named model: its builder and, for models without an automatic split, module names."""
+
+    build: Callable[[ImageShape], nn.Module]
+    split_names: dict | None = None
+    description: str = ""
+
+
+def _cifar_resnet_entry(depth: int) -> ModelEntry:
+    return ModelEntry(
+        lambda s: cifar_resnet(depth, s.num_classes, s.channels),
+        description=f"CIFAR ResNet-{depth} (option-A shortcuts; ../shared weights for 20..56)",
+    )
+
+
+MODELS: dict[str, ModelEntry] = {
+    **{f"resnet{d}": _cifar_resnet_entry(d) for d in (20, 32, 44, 56, 110)},
+    "cifar_resnet18": ModelEntry(
+        lambda s: cifar_resnet18(s.num_classes, s.channels), description="ResNet-18, 3x3 stem"
+    ),
+    "small_cnn": ModelEntry(
+        lambda s: SmallCNN(s.num_classes, s.channels),
+        split_names=SMALL_CNN_SPLIT,
+        description="3 conv-BN-ReLU stages (the digits demo's net)",
+    ),
+    "mlp": ModelEntry(
+        lambda s: MLP(s.num_classes, s.channels * s.height * s.width),
+        description="one hidden layer, no BatchNorm",
+    ),
+}
+
+
+def _torchvision_names() -> list[str]:
+    try:
+        import torchvision.models as tvm
+    except ImportError:
+        return []
+    return sorted(tvm.list_models(module=tvm))
+
+
+def model_names() -> list[str]:
+    """Every name :func:`build_model` accepts: ours, then torchvision's classification models."""
+    ours = list(MODELS)
+    return ours + [n for n in _torchvision_names() if n not in MODELS]
+
+
+def build_model(name: str, shape: ImageShape) -> nn.Module:
+    """A freshly initialised model for images of ``shape``.
+
+    Torchvision models are built with ``weights=None`` and ``num_classes``; they take 3-channel
+    input (the data pipeline repeats grayscale channels for them, see ``needs_rgb``).
+
+    Raises:
+        ValueError: an unknown name, listing the known ones.
+    """
+    if name in MODELS:
+        return MODELS[name].build(shape)
+    if name in _torchvision_names():
+        import torchvision.models as tvm
+
+        return tvm.get_model(name, weights=None, num_classes=shape.num_classes)
+    raise ValueError(
+        f"unknown model {name!r}; ours: {', '.join(MODELS)}; or a torchvision classification "
+        "model name (e.g. resnet18, mobilenet_v2)"
+    )
+
+
+def needs_rgb(name: str) -> bool:
+    """True for torchvision models, whose stems take 3 channels whatever the data has."""
+    return name not in MODELS
+
+
+def split_named_model(name: str, model: nn.Module, example_input: torch.Tensor) -> BlockSplit:
+    """The block split of a model built by :func:`build_model` (or its quantized copy)."""
+    entry = MODELS.get(name)
+    if entry is not None and entry.split_names is not None:
+        return split_model(model, example_input=example_input, **entry.split_names)
+    return split_model(model)

@@ -1,0 +1,202 @@
+"""``bwrf-train``: the command line, its checks, and the exit codes.
+
+Every bad input is refused before anything is read or written: one line on stderr, exit
+status 2. An interrupted run (Ctrl-C) keeps its last checkpoint and exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bwrf_ext.data import AUGMENTS, DATASETS
+from bwrf_ext.train.checkpoint import CheckpointError
+from bwrf_ext.train.methods import METHODS
+
+PROG = "bwrf-train"
+BITS_RANGE = (2, 8)
+DEFAULT_MODEL = {
+    "digits": "small_cnn",
+    "fashion-mnist": "resnet20",
+    "cifar10": "resnet20",
+    "cifar100": "resnet20",
+    "imagefolder": "resnet18",
+}
+# Options a resumed run may change: they do not alter what is computed.
+RESUME_MAY_CHANGE = {"resume", "out", "device", "progress", "tensorboard", "workers", "overwrite"}
+
+
+class UsageError(ValueError):
+    """Bad or incompatible options: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage dump
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description="Train a full-precision or low-bit network: FP, LSQ or BWRF (and the other "
+        "block-wise methods). With no data options it trains on scikit-learn's bundled digits.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    what = p.add_argument_group("what to train")
+    what.add_argument("--method", default="fp", help=f"one of {', '.join(METHODS)}")
+    what.add_argument(
+        "--model", default=None,
+        help="resnet20/32/44/56/110 (CIFAR), cifar_resnet18, small_cnn, mlp, or a torchvision "
+        "classification model; default: small_cnn for digits, resnet20 for CIFAR and "
+        "Fashion-MNIST, resnet18 for imagefolder",
+    )  # fmt: skip
+    what.add_argument("--w-bits", type=int, default=None, help="weight bits (lsq/bwrf; default 4)")
+    what.add_argument("--a-bits", type=int, default=None, help="activation bits (default 4)")
+    what.add_argument(
+        "--first-last-bits", type=int, default=8,
+        help="bits of the first and last layer; 0 keeps them in full precision",
+    )  # fmt: skip
+    what.add_argument(
+        "--init-from", default=None,
+        help="FP weights to start from: a bwrf-train checkpoint or run directory, an akamaster "
+        "file from ../shared/weights, or a state_dict (required for bwrf: the FP partner)",
+    )  # fmt: skip
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)}")
+    data.add_argument("--data-dir", default=None, help="where the data set lies")
+    data.add_argument("--download", action="store_true", help="fetch CIFAR / Fashion-MNIST")
+    data.add_argument("--augment", default="auto", help=f"auto or one of {', '.join(AUGMENTS)}")
+    data.add_argument(
+        "--normalization", default="auto", choices=("auto", "dataset", "imagenet"),
+        help="auto: as the --init-from weights were trained (akamaster: imagenet), else dataset",
+    )  # fmt: skip
+    data.add_argument("--train-subset", type=int, default=None, help="stratified N train images")
+    data.add_argument("--test-subset", type=int, default=None, help="stratified N test images")
+    data.add_argument("--image-size", type=int, default=224, help="imagefolder crop size")
+    data.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=10)
+    opt.add_argument("--batch-size", type=int, default=128, help="global batch (all processes)")
+    opt.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
+    opt.add_argument(
+        "--lr", type=float, default=None,
+        help="peak learning rate; default 0.1 from scratch, 0.01 with --init-from (SGD), "
+        "1e-3 (AdamW)",
+    )  # fmt: skip
+    opt.add_argument("--momentum", type=float, default=0.9)
+    opt.add_argument("--weight-decay", type=float, default=1e-4)
+    opt.add_argument("--schedule", default="cosine", choices=("cosine", "step", "constant"))
+    opt.add_argument("--warmup-epochs", type=int, default=0)
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
+    opt.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm (multi-GPU only)")
+    bw = p.add_argument_group("BWRF and distillation")
+    bw.add_argument("--alpha", type=float, default=1.0, help="KD weight")
+    bw.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
+    bw.add_argument("--branch-weights", default="uniform", choices=("uniform", "geometric"))
+    run = p.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    run.add_argument("--out", default=None, help="run directory (default runs/<method>-...)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    run.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    run.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard")
+    run.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars"
+    )
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parses and checks the options that need no file; fills the defaults that depend on others.
+
+    Raises:
+        UsageError: one message naming the option, what is allowed and what was given.
+    """
+    args = build_parser().parse_args(argv)
+    # Which options were given (a resumed run refuses those that differ from its own).
+    given = build_parser()
+    for action in given._actions:
+        action.default = argparse.SUPPRESS
+    args.explicit = set(vars(given.parse_args(argv)))
+    if args.method not in METHODS:
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    if args.dataset not in DATASETS:
+        raise UsageError(f"--dataset must be one of {', '.join(DATASETS)}, got {args.dataset!r}")
+    if args.augment != "auto" and args.augment not in AUGMENTS:
+        raise UsageError(f"--augment must be auto or one of {', '.join(AUGMENTS)}, got "
+                         f"{args.augment!r}")  # fmt: skip
+    if args.model is None:
+        args.model = DEFAULT_MODEL[args.dataset]
+    else:
+        from bwrf_ext.models.registry import model_names
+
+        if args.model not in model_names():
+            raise UsageError(
+                f"--model {args.model!r} is unknown; ours: resnet20/32/44/56/110, "
+                "cifar_resnet18, small_cnn, mlp; or a torchvision classification model name"
+            )
+    quantized = args.method != "fp"
+    if not quantized and (args.w_bits is not None or args.a_bits is not None):
+        raise UsageError("--w-bits/--a-bits quantize the model: use --method lsq or bwrf, not fp")
+    if quantized:
+        args.w_bits = 4 if args.w_bits is None else args.w_bits
+        args.a_bits = 4 if args.a_bits is None else args.a_bits
+        lo, hi = BITS_RANGE
+        for name in ("w_bits", "a_bits"):
+            if not lo <= getattr(args, name) <= hi:
+                raise UsageError(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got "
+                                 f"{getattr(args, name)}")  # fmt: skip
+        if args.first_last_bits != 0 and not lo <= args.first_last_bits <= hi:
+            raise UsageError(
+                f"--first-last-bits must be 0 (full precision) or in [{lo}, {hi}], got "
+                f"{args.first_last_bits}"
+            )
+    if args.method == "bwrf" and args.init_from is None and not args.resume:
+        raise UsageError("--method bwrf needs --init-from: the FP weights of the frozen partner")
+    if args.dataset == "digits" and (args.data_dir is not None or args.download):
+        raise UsageError("--dataset digits comes with scikit-learn: drop --data-dir/--download")
+    if args.dataset == "imagefolder" and args.data_dir is None:
+        raise UsageError("--dataset imagefolder needs --data-dir (holding train/ and val/)")
+    if args.data_dir is not None and not args.download and not Path(args.data_dir).is_dir():
+        raise UsageError(f"--data-dir {args.data_dir} is not a directory")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("train_subset", "test_subset"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= args.warmup_epochs < args.epochs:
+        raise UsageError(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.lr is None:
+        args.lr = 1e-3 if args.optimizer == "adamw" else (0.01 if args.init_from else 0.1)
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --out, --overwrite replaces it: pick one")
+    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
+    if args.amp and args.device == "cpu":
+        raise UsageError("--amp is bf16 autocast on CUDA; it does nothing useful with --device cpu")
+    if args.out is None:
+        bits = f"-w{args.w_bits}a{args.a_bits}" if quantized else ""
+        args.out = str(Path("runs") / f"{args.method}-{args.model}-{args.dataset}{bits}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``bwrf-train`` and ``python -m bwrf_ext.train``; returns the exit status."""
+    from bwrf_ext.train.runner import RunError, train
+
+    try:
+        args = parse_args(argv)
+        train(args)
+    except (UsageError, CheckpointError, RunError, FileNotFoundError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the last checkpoint is kept: continue with --resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    return 0

@@ -1,0 +1,100 @@
+"""The training methods behind ``bwrf-train --method``: one interface for the training loop.
+
+Each method owns the model being trained and, where it has one, its wrapper (BWRF's partner,
+Block-KD's teacher and connectors, ContSup's heads). The loop only calls ``step`` (forward and
+backward of one batch) and ``evaluate`` (logits of every model the method tracks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bwrf_ext
+from bwrf_ext.blocks import BlockSplit
+
+METHODS = ("fp", "lsq", "bwrf")
+
+
+@dataclass
+class Method:
+    """A method ready to train.
+
+    Attributes:
+        name: the --method value.
+        model: the network being trained: the one saved as "model" in checkpoints and kept
+            for inference.
+        trainable: the module the optimizer takes parameters from and DistributedDataParallel
+            wraps (the model itself, or a wrapper holding it and any auxiliary modules).
+        forward_loss: (trainable or its DDP wrapper, x, y) -> (loss, {term: value}).
+        evaluate: x -> {name: logits}; "model" is the trained network, other keys are the
+            branches/stones/heads the method tracks (e.g. "mp1", "fp").
+        partner: a frozen reference model saved beside the model (BWRF's FP twin), or None.
+        quantized: whether the model holds quantizers.
+    """
+
+    name: str
+    model: nn.Module
+    trainable: nn.Module
+    forward_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
+    evaluate: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    partner: nn.Module | None = None
+    quantized: bool = False
+
+    def step(
+        self,
+        module: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        autocast: contextlib.AbstractContextManager,
+    ) -> dict[str, float]:
+        """Forward and backward of one batch; returns the loss terms as floats."""
+        with autocast:
+            loss, terms = self.forward_loss(module, x, y)
+        loss.backward()
+        return {"loss": loss.item(), **{k: float(v) for k, v in terms.items()}}
+
+
+def _cross_entropy(module: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    loss = F.cross_entropy(module(x).float(), y)
+    return loss, {}
+
+
+def _bwrf_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    out = module(x, y)
+    return out.loss, {k: v.detach() for k, v in out.losses.items()}
+
+
+def plain_method(name: str, model: nn.Module, quantized: bool) -> Method:
+    """fp or lsq: the model trained alone with cross-entropy."""
+
+    @torch.no_grad()
+    def evaluate(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"model": model(x)}
+
+    return Method(name, model, model, _cross_entropy, evaluate, quantized=quantized)
+
+
+def bwrf_method(
+    lp_model: nn.Module,
+    fp_model: nn.Module,
+    config: bwrf_ext.BWRFConfig,
+    lp_split: BlockSplit,
+    fp_split: BlockSplit,
+) -> Method:
+    """BWRF: the LP model trained with its frozen FP partner's branches."""
+    wrapper = bwrf_ext.BWRF(lp_model, fp_model, config, lp_split=lp_split, fp_split=fp_split)
+
+    def evaluate(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = wrapper.evaluate(x)
+        logits["model"] = logits.pop("lp")
+        return logits
+
+    return Method(
+        "bwrf", lp_model, wrapper, _bwrf_loss, evaluate, partner=fp_model, quantized=True
+    )

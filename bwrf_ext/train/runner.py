@@ -1,0 +1,432 @@
+"""The training run behind ``bwrf-train``: data, model, method, epochs, checkpoints, reports."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from tqdm import tqdm
+
+import bwrf_ext
+from bwrf_ext.data import ImageData, InMemoryImages, load_image_data
+from bwrf_ext.models.registry import build_model, needs_rgb, split_named_model
+from bwrf_ext.train import distributed
+from bwrf_ext.train.checkpoint import (
+    FORMAT,
+    fp_weights,
+    load_checkpoint,
+    load_into,
+    save_atomic,
+)
+from bwrf_ext.train.cli import RESUME_MAY_CHANGE, UsageError
+from bwrf_ext.train.methods import Method, bwrf_method, plain_method
+from bwrf_ext.train.reporting import MetricsLog, plot_accuracy
+
+# Files a run writes in its directory; --overwrite removes exactly these.
+RUN_FILES = ("last.pt", "metrics.jsonl", "metrics.csv", "accuracy.png", "summary.json",
+             "log.txt", "config.json", "tensorboard")  # fmt: skip
+EVAL_BATCH = 256
+
+
+class RunError(RuntimeError):
+    """A run that cannot go on (e.g. a non-finite loss): reported as one line, exit status 2."""
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs (or resumes) one training run as described by parsed ``bwrf-train`` options.
+
+    Returns:
+        The run summary (also written to ``<out>/summary.json``).
+    """
+    dist_state = distributed.setup(args.device)
+    try:
+        return _Run(args, dist_state).run()
+    finally:
+        distributed.teardown(dist_state)
+
+
+class _Run:
+    def __init__(self, args: argparse.Namespace, dist_state: distributed.Distributed) -> None:
+        self.dist = dist_state
+        self.out = Path(args.out)
+        self.resumed = self._prepare_out_dir(args)
+        self.args = args if self.resumed is None else self._resumed_args(args, self.resumed)
+        if self.args.batch_size % dist_state.world_size:
+            raise UsageError(
+                f"--batch-size {self.args.batch_size} must be divisible by the "
+                f"{dist_state.world_size} processes"
+            )
+        if self.args.sync_bn and not (dist_state.enabled and dist_state.device.type == "cuda"):
+            raise UsageError("--sync-bn needs multi-process CUDA training (torchrun on GPUs)")
+        self.log_path = self.out / "log.txt"
+
+    # ----------------------------------------------------------------------------- set-up
+    def _prepare_out_dir(self, args: argparse.Namespace) -> dict | None:
+        """Refuses to touch an existing run unless told; returns the checkpoint to resume."""
+        existing = [name for name in RUN_FILES if (self.out / name).exists()]
+        if args.resume:
+            if not (self.out / "last.pt").is_file():
+                raise UsageError(f"--resume: no checkpoint {self.out / 'last.pt'} to continue")
+            return load_checkpoint(self.out / "last.pt")
+        if existing and not args.overwrite:
+            raise UsageError(
+                f"--out {self.out} already holds a run ({', '.join(existing[:3])}); continue it "
+                "with --resume, replace it with --overwrite, or choose another --out"
+            )
+        self.dist.barrier()  # every rank has looked before rank 0 deletes anything
+        if existing and self.dist.is_main:
+            for name in existing:
+                path = self.out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return None
+
+    def _resumed_args(self, args: argparse.Namespace, ckpt: dict) -> argparse.Namespace:
+        saved = dict(ckpt["args"])
+        for name in sorted(getattr(args, "explicit", set()) - RESUME_MAY_CHANGE):
+            if getattr(args, name) != saved.get(name):
+                raise UsageError(
+                    f"--{name.replace('_', '-')} {getattr(args, name)} differs from the resumed "
+                    f"run's {saved.get(name)}; drop it or start a new --out"
+                )
+        saved.update({name: getattr(args, name) for name in RESUME_MAY_CHANGE})
+        return argparse.Namespace(**saved)
+
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(message, file=sys.stdout)
+            with open(self.log_path, "a") as f:
+                f.write(message + "\n")
+
+    def _data(self, normalization: str) -> ImageData:
+        args = self.args
+        if args.download and self.dist.enabled and not self.dist.is_main:
+            self.dist.barrier()  # rank 0 downloads first
+        data = load_image_data(
+            args.dataset, args.data_dir, download=args.download and self.dist.is_main,
+            augment=args.augment, normalization=normalization, seed=args.seed,
+            rgb=needs_rgb(args.model), image_size=args.image_size,
+        )  # fmt: skip
+        if args.download and self.dist.enabled and self.dist.is_main:
+            self.dist.barrier()
+        for split in ("train", "test"):
+            size = getattr(args, f"{split}_subset")
+            if size is not None:
+                setattr(data, split, _stratified_subset(getattr(data, split), size, split))
+        return data
+
+    def _model_and_method(self, data: ImageData) -> Method:
+        args = self.args
+        torch.manual_seed(args.seed)  # the same initial weights on every rank and on resume
+        model = build_model(args.model, data.shape)
+        ckpt = self.resumed
+        if ckpt is not None:
+            if ckpt.get("partner") is not None:
+                load_into(model, ckpt["partner"], "the checkpoint's partner")
+        elif args.init_from is not None:
+            state, info = fp_weights(args.init_from)
+            if info["model"] is not None and info["model"] != args.model:
+                raise UsageError(
+                    f"--init-from {args.init_from} holds a {info['model']}, --model is "
+                    f"{args.model}"
+                )
+            load_into(model, state, f"--init-from {args.init_from}")
+        if args.method == "fp":
+            method = plain_method("fp", model, quantized=False)
+        else:
+            fp_model = model
+            lp_model = bwrf_ext.quantize_model(
+                fp_model, args.w_bits, args.a_bits, args.first_last_bits or None
+            )
+            if args.sync_bn:
+                lp_model = nn.SyncBatchNorm.convert_sync_batchnorm(lp_model)
+            if args.method == "lsq":
+                method = plain_method("lsq", lp_model, quantized=True)
+            else:
+                example = data.train[0][0].unsqueeze(0).repeat(2, 1, 1, 1)
+                config = bwrf_ext.BWRFConfig(
+                    alpha=args.alpha, temperature=args.temperature,
+                    branch_weights=args.branch_weights,
+                )  # fmt: skip
+                method = bwrf_method(
+                    lp_model, fp_model, config,
+                    split_named_model(args.model, lp_model, example),
+                    split_named_model(args.model, fp_model, example),
+                )  # fmt: skip
+        if args.sync_bn and args.method == "fp":
+            method.model = method.trainable = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        method.trainable.to(self.dist.device)
+        if ckpt is not None:
+            load_into(method.model, ckpt["model"], "the checkpoint's model")
+        elif method.quantized:
+            self._calibrate(method, data)
+        return method
+
+    @torch.no_grad()
+    def _calibrate(self, method: Method, data: ImageData) -> None:
+        """LSQ-initialises the step sizes on one fixed batch, the same on every rank."""
+        g = torch.Generator().manual_seed(self.args.seed)
+        count = min(self.args.batch_size, len(data.train))
+        indices = torch.randperm(len(data.train), generator=g)[:count].tolist()
+        x = torch.stack([data.train[i][0] for i in indices]).to(self.dist.device)
+        model = method.model
+        model.eval()  # running BatchNorm statistics stay those of the FP weights
+        model(x)
+        model.train()
+
+    def _optimizer(self, method: Method, steps_per_epoch: int):
+        args = self.args
+        params = [p for p in method.trainable.parameters() if p.requires_grad]
+        if args.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+            )
+        else:
+            optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        total = args.epochs * steps_per_epoch
+        warmup = args.warmup_epochs * steps_per_epoch
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            t = (step - warmup) / max(1, total - warmup)
+            if args.schedule == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * t))
+            if args.schedule == "step":  # /10 at half and at three quarters of the run
+                return 0.1 ** ((t >= 0.5) + (t >= 0.75))
+            return 1.0
+
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    # ----------------------------------------------------------------------------- running
+    def run(self) -> dict[str, Any]:
+        args, dist_state = self.args, self.dist
+        started = time.perf_counter()
+        if dist_state.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        dist_state.barrier()
+        normalization, init_info = self._normalization()
+        data = self._data(normalization)
+        method = self._model_and_method(data)
+        self.log(
+            f"{args.method} {args.model} on {args.dataset} ({data.source}; {len(data.train)} "
+            f"train / {len(data.test)} test, {data.shape.channels}x{data.shape.height}x"
+            f"{data.shape.width}, normalization {normalization})"
+            + (f", W{args.w_bits}A{args.a_bits}" if method.quantized else "")
+            + f", device {dist_state.device}, {dist_state.world_size} process(es)"
+            + (f", from {args.init_from} ({init_info})" if init_info else "")
+        )
+        for note in data.notes:
+            self.log(f"note: {note}")
+        per_rank = args.batch_size // dist_state.world_size
+        sampler = DistributedSampler(
+            data.train, dist_state.world_size, dist_state.rank, shuffle=True, seed=args.seed
+        )
+        loader = DataLoader(
+            data.train, per_rank, sampler=sampler, num_workers=args.workers, drop_last=True,
+            pin_memory=dist_state.device.type == "cuda",
+        )  # fmt: skip
+        if len(loader) == 0:
+            raise UsageError(
+                f"--batch-size {args.batch_size} exceeds the {len(data.train)} training images"
+            )
+        if len(data.test) < dist_state.world_size:
+            raise UsageError(f"{len(data.test)} test images for {dist_state.world_size} processes")
+        test_loader = DataLoader(
+            Subset(data.test, range(dist_state.rank, len(data.test), dist_state.world_size)),
+            EVAL_BATCH,
+        )
+        optimizer, scheduler = self._optimizer(method, len(loader))
+        start_epoch, history = 0, []
+        if self.resumed is not None:
+            optimizer.load_state_dict(self.resumed["optimizer"])
+            scheduler.load_state_dict(self.resumed["scheduler"])
+            torch.set_rng_state(self.resumed["rng"])
+            start_epoch, history = self.resumed["epoch"], self.resumed["history"]
+            self.log(f"resumed after epoch {start_epoch} from {self.out / 'last.pt'}")
+        module: nn.Module = method.trainable
+        if dist_state.enabled:
+            device_ids = [dist_state.device] if dist_state.device.type == "cuda" else None
+            module = DistributedDataParallel(method.trainable, device_ids=device_ids)
+        metrics = (
+            MetricsLog(self.out, history, args.tensorboard) if dist_state.is_main else None
+        )
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if args.amp
+            else contextlib.nullcontext()
+        )  # fmt: skip
+        title = f"{args.method} {args.model} {args.dataset}" + (
+            f" W{args.w_bits}A{args.a_bits}" if method.quantized else ""
+        )
+        record: dict[str, Any] = history[-1] if history else {}
+        try:
+            for epoch in range(start_epoch, args.epochs):
+                sampler.set_epoch(epoch)
+                data.set_epoch(epoch)
+                tic = time.perf_counter()
+                terms = self._train_epoch(method, module, loader, optimizer, scheduler, autocast,
+                                          epoch)  # fmt: skip
+                train_s = time.perf_counter() - tic
+                record = {
+                    "epoch": epoch + 1,
+                    "lr": scheduler.get_last_lr()[0],
+                    "train_s": round(train_s, 3),
+                    **{f"train_{k}": v for k, v in terms.items()},
+                    **self._evaluate(method, test_loader, autocast),
+                }
+                if dist_state.is_main:
+                    metrics.append(record)
+                    self._save(method, optimizer, scheduler, epoch + 1, metrics.records, data,
+                               normalization)  # fmt: skip
+                    plot_accuracy(metrics.records, self.out / "accuracy.png", title)
+                accs = ", ".join(
+                    f"{k} {v:.2f}" for k, v in record.items() if k.startswith("acc")
+                )
+                self.log(
+                    f"epoch {epoch + 1}/{args.epochs}: loss {record['train_loss']:.4f}, {accs} "
+                    f"(lr {record['lr']:.4g}, {train_s:.1f} s)"
+                )
+                dist_state.barrier()
+        finally:
+            if metrics is not None:
+                metrics.close()
+        summary = {
+            "method": args.method, "model": args.model, "dataset": args.dataset,
+            "data_source": data.source, "notes": data.notes,
+            "w_bits": args.w_bits, "a_bits": args.a_bits, "epochs": args.epochs,
+            "final": record, "wall_s": round(time.perf_counter() - started, 1),
+            "world_size": dist_state.world_size, "device": _device_name(dist_state.device),
+            "torch": torch.__version__, "backend": bwrf_ext.build_info().get("backend"),
+            "args": _plain_args(args),
+        }  # fmt: skip
+        if dist_state.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.log(f"done: {self.out} (last.pt, metrics.jsonl/csv, accuracy.png)")
+        return summary
+
+    def _normalization(self) -> tuple[str, str]:
+        """(normalisation, a note on the init weights): auto follows how they were trained."""
+        args = self.args
+        if self.resumed is not None:
+            return self.resumed["normalization"], ""
+        info = fp_weights(args.init_from)[1] if args.init_from else None
+        if args.normalization != "auto":
+            chosen = args.normalization
+        else:
+            chosen = (info or {}).get("normalization") or "dataset"
+        note = f"{info['source']} weights" if info else ""
+        return chosen, note
+
+    def _train_epoch(self, method, module, loader, optimizer, scheduler, autocast, epoch):
+        args, device = self.args, self.dist.device
+        method.trainable.train()
+        sums: dict[str, float] = defaultdict(float)
+        bar = tqdm(
+            loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
+            disable=not (self.dist.is_main and args.progress), file=sys.stderr,
+        )  # fmt: skip
+        for step, (x, y) in enumerate(bar):
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            terms = method.step(module, x, y, autocast)
+            if not math.isfinite(terms["loss"]):
+                raise RunError(
+                    f"the loss is {terms['loss']} at epoch {epoch + 1}, step {step + 1}; "
+                    f"the last checkpoint is kept: try a lower --lr (now {args.lr})"
+                )
+            optimizer.step()
+            scheduler.step()
+            for key, value in terms.items():
+                sums[key] += value
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{terms['loss']:.3f}")
+        keys = sorted(sums)
+        totals = self.dist.sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        steps = len(loader) * self.dist.world_size
+        return {k: float(v) / steps for k, v in zip(keys, totals, strict=True)}
+
+    @torch.no_grad()
+    def _evaluate(self, method: Method, loader: DataLoader, autocast) -> dict[str, float]:
+        """Test accuracy (%) of the model and of every branch, summed exactly over ranks."""
+        method.trainable.eval()
+        correct: dict[str, int] = defaultdict(int)
+        seen = 0
+        for x, y in loader:
+            x, y = x.to(self.dist.device), y.to(self.dist.device)
+            with autocast:
+                logits = method.evaluate(x)
+            for key, value in logits.items():
+                correct[key] += int((value.argmax(1) == y).sum())
+            seen += len(y)
+        method.trainable.train()
+        # The trained model first, then branches, then fixed references (the FP partner).
+        keys = sorted(correct, key=lambda k: (k != "model", k == "fp", k))
+        counts = self.dist.sum(torch.tensor([correct[k] for k in keys] + [seen], dtype=torch.int64))
+        total = int(counts[-1])
+        return {
+            ("acc" if k == "model" else f"acc_{k}"): 100.0 * int(c) / total
+            for k, c in zip(keys, counts[:-1], strict=True)
+        }
+
+    def _save(self, method, optimizer, scheduler, epoch, records, data, normalization) -> None:
+        ckpt = {
+            "format": FORMAT,
+            "epoch": epoch,
+            "args": _plain_args(self.args),
+            "quantized": method.quantized,
+            "normalization": normalization,
+            "data": {"name": data.name, "source": data.source, "mean": list(data.mean),
+                     "std": list(data.std), "num_classes": data.shape.num_classes},  # fmt: skip
+            "model": method.model.state_dict(),
+            "partner": None if method.partner is None else method.partner.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": list(records),
+        }
+        save_atomic(ckpt, self.out / "last.pt")
+
+
+def _stratified_subset(dataset, size: int, split: str):
+    """A class-stratified subset of ``size`` items, the same for every seed (random_state 0)."""
+    if not isinstance(dataset, InMemoryImages):
+        raise UsageError(f"--{split}-subset works on in-memory data sets, not imagefolder")
+    if size > len(dataset):
+        raise UsageError(f"--{split}-subset {size} exceeds the {len(dataset)} {split} images")
+    if size == len(dataset):
+        return dataset
+    from sklearn.model_selection import train_test_split
+
+    labels = dataset.labels.numpy()
+    indices, _ = train_test_split(
+        range(len(labels)), train_size=size, stratify=labels, random_state=0
+    )
+    index = torch.tensor(sorted(indices))
+    subset = InMemoryImages.__new__(InMemoryImages)
+    subset.__dict__.update(dataset.__dict__)
+    subset.images, subset.labels = dataset.images[index], dataset.labels[index]
+    return subset
+
+
+def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The options as plain values (what ``torch.load(weights_only=True)`` reads back)."""
+    return {k: v for k, v in vars(args).items() if k != "explicit"}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

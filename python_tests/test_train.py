@@ -1,0 +1,263 @@
+"""bwrf-train: bad input, checkpoints and exact resume, reports, and torchrun vs one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bwrf_ext.train import main
+from bwrf_ext.train import runner as runner_module
+from bwrf_ext.train.checkpoint import CheckpointError, fp_weights, load_checkpoint, save_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--no-progress", "--batch-size", "64"]
+
+
+def run_cli(args: list[str], out: Path | None = None) -> int:
+    return main([*args, *QUICK, *(["--out", str(out)] if out else [])])
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory) -> Path:
+    """A 2-epoch FP small_cnn on digits: the --init-from of the LSQ/BWRF tests."""
+    out = tmp_path_factory.mktemp("runs") / "fp"
+    assert run_cli(["--epochs", "2", "--seed", "1"], out) == 0
+    return out
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+BAD_INPUTS = [
+    (["--model", "resnet9000"], "--model 'resnet9000' is unknown"),
+    (["--dataset", "mnist-but-not"], "--dataset must be one of"),
+    (["--method", "qat"], "--method must be one of"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/dir"], "is not a directory"),
+    (["--method", "lsq", "--w-bits", "1"], "--w-bits must be in [2, 8], got 1"),
+    (["--method", "lsq", "--a-bits", "9"], "--a-bits must be in [2, 8], got 9"),
+    (["--w-bits", "4"], "use --method lsq or bwrf, not fp"),
+    (["--method", "bwrf"], "--method bwrf needs --init-from"),
+    (["--amp", "--device", "cpu"], "--amp is bf16 autocast on CUDA"),
+    (["--resume", "--overwrite"], "pick one"),
+    (["--data-dir", "."], "--dataset digits comes with scikit-learn"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--unknown-flag"], "unrecognized arguments"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUTS, ids=[" ".join(a[0]) for a in BAD_INPUTS])
+def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bwrf-train: error: ") and "\n" not in err, err
+    assert message in err
+    assert not out.exists()
+
+
+def test_missing_data_names_the_places(tmp_path, capsys):
+    assert main(["--dataset", "cifar100", "--data-dir", str(tmp_path), "--out",
+                 str(tmp_path / "r")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "CIFAR-100 not found" in err and str(tmp_path) in err and "--download" in err
+
+
+def test_existing_run_is_not_overwritten(fp_run, capsys):
+    before = (fp_run / "last.pt").read_bytes()
+    assert run_cli(["--epochs", "1"], fp_run) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (fp_run / "last.pt").read_bytes() == before
+
+
+def test_reports_per_epoch(fp_run):
+    rows = records(fp_run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(0 <= r["acc"] <= 100 and r["train_loss"] > 0 for r in rows)
+    csv_lines = (fp_run / "metrics.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].split(",")[:2] == ["epoch", "lr"]
+    assert (fp_run / "accuracy.png").stat().st_size > 1000
+    summary = json.loads((fp_run / "summary.json").read_text())
+    assert summary["final"] == rows[-1]
+
+
+def test_checkpoint_reloads_the_model(fp_run):
+    """The saved model reproduces the logged test accuracy (independent evaluation)."""
+    from bwrf_ext.data import load_image_data
+    from bwrf_ext.models.registry import build_model
+
+    ckpt = load_checkpoint(fp_run)
+    data = load_image_data("digits")
+    model = build_model("small_cnn", data.shape)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    x = torch.stack([data.test[i][0] for i in range(len(data.test))])
+    y = torch.tensor([data.test[i][1] for i in range(len(data.test))])
+    with torch.no_grad():
+        acc = 100.0 * int((model(x).argmax(1) == y).sum()) / len(y)
+    assert acc == pytest.approx(records(fp_run)[-1]["acc"], abs=1e-9)
+
+
+def test_bwrf_run_reports_every_branch(fp_run, tmp_path):
+    out = tmp_path / "bwrf"
+    args = ["--method", "bwrf", "--w-bits", "2", "--a-bits", "2", "--init-from", str(fp_run)]
+    assert run_cli([*args, "--epochs", "1"], out) == 0
+    row = records(out)[-1]
+    assert {"acc", "acc_mp1", "acc_mp2", "acc_fp", "train_mp1_ce", "train_lp_kd"} <= set(row)
+    # The frozen partner is the FP run's model: its accuracy is the FP run's.
+    assert row["acc_fp"] == pytest.approx(records(fp_run)[-1]["acc"], abs=1e-9)
+    ckpt = load_checkpoint(out)
+    assert ckpt["quantized"] and ckpt["partner"] is not None
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(fp_run, tmp_path, monkeypatch):
+    args = ["--method", "bwrf", "--w-bits", "2", "--a-bits", "2", "--init-from", str(fp_run),
+            "--epochs", "3", "--seed", "3"]  # fmt: skip
+    assert run_cli(args, tmp_path / "straight") == 0
+
+    original = runner_module._Run._train_epoch
+
+    def interrupt_at_epoch_3(self, *a):
+        if a[-1] == 2:
+            raise KeyboardInterrupt
+        return original(self, *a)
+
+    monkeypatch.setattr(runner_module._Run, "_train_epoch", interrupt_at_epoch_3)
+    assert run_cli(args, tmp_path / "cut") == 130
+    assert load_checkpoint(tmp_path / "cut")["epoch"] == 2
+    monkeypatch.setattr(runner_module._Run, "_train_epoch", original)
+    assert main(["--resume", "--out", str(tmp_path / "cut"), "--no-progress"]) == 0
+
+    def strip_time(rows):
+        return [{k: v for k, v in r.items() if k != "train_s"} for r in rows]
+
+    assert strip_time(records(tmp_path / "cut")) == strip_time(records(tmp_path / "straight"))
+    straight = load_checkpoint(tmp_path / "straight")["model"]
+    resumed = load_checkpoint(tmp_path / "cut")["model"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_resume_refuses_changed_options(fp_run, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(fp_run, out)
+    assert main(["--resume", "--out", str(out), "--lr", "0.5"]) == 2
+    assert "--lr 0.5 differs from the resumed run's" in capsys.readouterr().err
+
+
+class NotWeights:
+    """An arbitrary object: what weights_only=True must refuse to unpickle."""
+
+
+def test_corrupt_and_mismatched_checkpoints(fp_run, tmp_path, capsys):
+    out = tmp_path / "corrupt"
+    shutil.copytree(fp_run, out)
+    (out / "last.pt").write_bytes((out / "last.pt").read_bytes()[:1000])
+    assert main(["--resume", "--out", str(out)]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+    wrong = tmp_path / "resnet20.pt"
+    from bwrf_ext.models import resnet20
+
+    torch.save(resnet20(in_channels=1).state_dict(), wrong)
+    assert run_cli(["--method", "lsq", "--init-from", str(wrong)], tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert "does not fit the model" in err and "missing" in err
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"obj": NotWeights()}, unsafe)
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        fp_weights(unsafe)  # weights_only=True refuses arbitrary pickled objects
+
+
+def test_quantized_checkpoint_is_not_fp_weights(fp_run, tmp_path, capsys):
+    out = tmp_path / "lsq"
+    assert run_cli(["--method", "lsq", "--init-from", str(fp_run), "--epochs", "1"], out) == 0
+    assert run_cli(["--method", "lsq", "--init-from", str(out)], tmp_path / "again") == 2
+    assert "holds a quantized model" in capsys.readouterr().err
+
+
+def test_save_atomic_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_atomic({"a": torch.ones(2)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_atomic({"a": Unpicklable()}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_tensorboard_events(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    assert run_cli(["--model", "mlp", "--epochs", "1", "--tensorboard"], out) == 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_akamaster_weights_are_fp_weights_with_imagenet_normalization():
+    from bwrf_ext.models import resnet20
+    from bwrf_ext.models.pretrained import akamaster_weights_path
+
+    try:
+        path = akamaster_weights_path(20)
+    except FileNotFoundError as error:
+        pytest.skip(f"../shared weights absent: {error}")
+    state, info = fp_weights(path)
+    assert info["normalization"] == "imagenet" and info["source"] == "akamaster"
+    model = resnet20()
+    from bwrf_ext.train.checkpoint import load_into
+
+    load_into(model, state, "akamaster")
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])
+
+
+def torchrun(args: list[str], out: Path) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "bwrf_ext.train", *args, *QUICK, "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """Same global batch: 2 gloo processes give the one-process result.
+
+    A BatchNorm-free FP net: BatchNorm normalises each process's share of the batch, and LSQ's
+    step-size gradient factor 1/sqrt(numel * qmax) counts the activations of that share, so
+    both legitimately differ with the number of processes.
+    """
+    args = ["--model", "mlp", "--epochs", "2", "--seed", "5"]
+    result = torchrun(args, tmp_path / "ddp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_cli(args, tmp_path / "single") == 0
+    ddp, single = records(tmp_path / "ddp"), records(tmp_path / "single")
+    for a, b in zip(ddp, single, strict=True):
+        assert a["acc"] == pytest.approx(b["acc"], abs=0.3)  # at most one test image of 360
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    ddp_model = load_checkpoint(tmp_path / "ddp")["model"]
+    single_model = load_checkpoint(tmp_path / "single")["model"]
+    for key, value in single_model.items():
+        torch.testing.assert_close(ddp_model[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_torchrun_bwrf(fp_run, tmp_path):
+    args = ["--method", "bwrf", "--w-bits", "2", "--a-bits", "2", "--init-from", str(fp_run),
+            "--epochs", "1"]  # fmt: skip
+    result = torchrun(args, tmp_path / "ddp_bwrf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = records(tmp_path / "ddp_bwrf")[-1]
+    assert row["acc_fp"] == pytest.approx(records(fp_run)[-1]["acc"], abs=1e-9)
+    assert "acc_mp2" in row
