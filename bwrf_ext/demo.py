@@ -1,91 +1,57 @@
-"""`make demo`: FP training, then 2-bit LSQ and 2-bit BWRF from it, on scikit-learn's digits.
+"""`make demo`: bwrf-train on scikit-learn's digits: FP, then 2-bit LSQ and 2-bit BWRF from it.
 
-Needs no download (the digits ship inside scikit-learn) and runs in about a minute on 2 idle CPU
-cores. It prints an accuracy table and writes accuracy curves to runs/demo/. The full training
-CLI (real data sets, Block-KD, ContSup) is `bwrf-train` once it lands; this is its small twin.
+Needs no download (the digits ship inside scikit-learn) and takes about a minute on 2 idle CPU
+cores. It runs the training CLI three times (each run a directory under runs/demo/ with its
+checkpoint, metrics and plot), then prints a comparison table and writes
+runs/demo/comparison.png: the LP accuracy of LSQ and BWRF and BWRF's mixed-precision branches.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import time
 from pathlib import Path
 
-import torch
-from torch import nn
-from torch.nn import functional as F
-
 import bwrf_ext
-from bwrf_ext.blocks import split_model
+from bwrf_ext.train import main as bwrf_train
 
 
-def digits_loaders(batch_size: int, seed: int):
-    """scikit-learn's 1,797 8x8 digits, split 80/20 (stratified), pixels scaled to [0, 1]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    images, labels = load_digits(return_X_y=True)
-    x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-    y = torch.tensor(labels)
-    train_idx, test_idx = train_test_split(
-        range(len(y)), test_size=0.2, stratify=labels, random_state=seed
-    )
-    train = torch.utils.data.TensorDataset(x[train_idx], y[train_idx])
-    test = torch.utils.data.TensorDataset(x[test_idx], y[test_idx])
-    generator = torch.Generator().manual_seed(seed)
-    return (
-        torch.utils.data.DataLoader(train, batch_size, shuffle=True, generator=generator),
-        torch.utils.data.DataLoader(test, 512),
-    )
+def run(out: Path, args: list[str]) -> dict:
+    """One bwrf-train run into ``out`` (replacing an earlier demo run); returns its summary."""
+    status = bwrf_train([*args, "--out", str(out), "--overwrite"])
+    if status != 0:
+        raise SystemExit(f"demo: bwrf-train {' '.join(args)} failed with status {status}")
+    return json.loads((out / "summary.json").read_text())
 
 
-def small_cnn(num_classes: int = 10) -> nn.Sequential:
-    """Three conv-BN-ReLU stages and a linear head: (N, 1, 8, 8) -> (N, num_classes)."""
-
-    def stage(cin, cout, stride):
-        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-
-    return nn.Sequential(
-        *stage(1, 32, 1), *stage(32, 64, 2), *stage(64, 64, 1),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
-    )
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, loader) -> float:
-    model.eval()
-    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in loader)
-    return 100.0 * correct / len(loader.dataset)
+def plot_comparison(runs: dict[str, Path], path: Path) -> None:
+    """LSQ's and BWRF's LP accuracy per epoch, BWRF's MP branches thin, the FP model dashed."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
 
-def train(model, loss_fn, train_loader, test_loader, epochs: int, lr: float, label: str):
-    """SGD + cosine on loss_fn(x, y) over model's parameters; test accuracy after each epoch."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(train_loader))
-    curve = []
-    for epoch in range(epochs):
-        model.train()
-        for x, y in train_loader:
-            loss = loss_fn(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        curve.append(accuracy(model, test_loader))
-        print(f"  {label:>10} epoch {epoch + 1:2d}/{epochs}  test acc {curve[-1]:6.2f} %")
-    return curve
-
-
-def cross_entropy_of(model):
-    return lambda x, y: F.cross_entropy(model(x), y)
-
-
-def small_cnn_split(model: nn.Module, example: torch.Tensor):
-    """small_cnn's three conv-BN-ReLU stages as blocks, pool/flatten/linear as the head."""
-    blocks = [["0", "1", "2"], ["3", "4", "5"], ["6", "7", "8"]]
-    return split_model(model, blocks=blocks, head=["9", "10", "11"], example_input=example)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fp_acc = records(runs["FP"])[-1]["acc"]
+    ax.axhline(fp_acc, color="gray", linestyle="--", label=f"FP ({fp_acc:.1f} %)")
+    for label in ("LSQ W2A2", "BWRF W2A2"):
+        rows = records(runs[label])
+        epochs = [r["epoch"] for r in rows]
+        ax.plot(epochs, [r["acc"] for r in rows], marker="o", ms=3, lw=2.2, label=label)
+        if label.startswith("BWRF"):
+            for key in sorted(k for k in rows[-1] if k.startswith("acc_mp")):
+                ax.plot(epochs, [r[key] for r in rows], lw=1, alpha=0.8,
+                        label=f"BWRF branch M{key.removeprefix('acc_mp')}")  # fmt: skip
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="digits: 2-bit from the FP model")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,60 +62,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     args = parser.parse_args(argv)
 
-    torch.manual_seed(args.seed)
     info = bwrf_ext.build_info()
     print(f"bwrf_ext {bwrf_ext.__version__}: backend={info['backend']}, "
-          f"cuda_kernels={info['cuda_kernels']}, torch {info['torch']}")
-    train_loader, test_loader = digits_loaders(batch_size=64, seed=args.seed)
+          f"cuda_kernels={info['cuda_kernels']}, torch {info['torch']}")  # fmt: skip
+    common = ["--dataset", "digits", "--model", "small_cnn", "--batch-size", "64",
+              "--seed", str(args.seed), "--no-progress"]  # fmt: skip
+    runs = {"FP": args.out / "fp", "LSQ W2A2": args.out / "lsq_w2a2",
+            "BWRF W2A2": args.out / "bwrf_w2a2"}  # fmt: skip
+    summaries = {
+        "FP": run(runs["FP"], [*common, "--method", "fp", "--epochs", str(args.fp_epochs),
+                               "--lr", "0.05"]),  # fmt: skip
+    }
+    for label, method in (("LSQ W2A2", "lsq"), ("BWRF W2A2", "bwrf")):
+        summaries[label] = run(runs[label], [
+            *common, "--method", method, "--w-bits", "2", "--a-bits", "2",
+            "--init-from", str(runs["FP"]), "--epochs", str(args.qat_epochs),
+        ])  # fmt: skip
 
-    results, curves = [], {}
-    start = time.perf_counter()
-    fp_model = small_cnn()
-    curves["FP32"] = train(fp_model, cross_entropy_of(fp_model), train_loader, test_loader,
-                           args.fp_epochs, 0.05, "FP32")
-    results.append(("FP32", "-", curves["FP32"][-1], time.perf_counter() - start))
-    first_batch = next(iter(train_loader))[0]  # initialises the activation step sizes
-    for method in ("LSQ", "BWRF"):
-        start = time.perf_counter()
-        torch.manual_seed(args.seed)
-        lp_model = bwrf_ext.quantize_model(fp_model, w_bits=2, a_bits=2, first_last_bits=8)
-        if method == "LSQ":
-            loss_fn = cross_entropy_of(lp_model)
-        else:  # the frozen FP model guides the LP one through mixed-precision branches
-            partner = copy.deepcopy(fp_model)
-            bwrf = bwrf_ext.BWRF(lp_model, partner,
-                                 lp_split=small_cnn_split(lp_model, first_batch),
-                                 fp_split=small_cnn_split(partner, first_batch))
-            loss_fn = lambda x, y, bwrf=bwrf: bwrf(x, y).loss  # noqa: E731
-        label = f"{method} W2A2"
-        curves[label] = train(lp_model, loss_fn, train_loader, test_loader, args.qat_epochs,
-                              0.01, label)
-        results.append((label, "first/last 8-bit", curves[label][-1], time.perf_counter() - start))
-
-    print("\n| model | notes | test accuracy | time |\n|---|---|---:|---:|")
-    for label, notes, acc, seconds in results:
-        print(f"| {label} | {notes} | {acc:.2f} % | {seconds:.1f} s |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "metrics.json").write_text(json.dumps({"curves": curves, "build": info}, indent=1))
-    plot_curves(curves, args.out / "accuracy.png")
-    print(f"\nwrote {args.out / 'metrics.json'} and {args.out / 'accuracy.png'}")
-
-
-def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, curve in curves.items():
-        ax.plot(range(1, len(curve) + 1), curve, marker="o", ms=3, label=label)
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="digits: FP, then 2-bit from it")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    print("\n| model | epochs | test accuracy | best MP branch | time |")
+    print("|---|---:|---:|---:|---:|")
+    for label, summary in summaries.items():
+        final = summary["final"]
+        branches = [v for k, v in final.items() if k.startswith("acc_mp")]
+        best = f"{max(branches):.2f} %" if branches else "-"
+        print(f"| {label} | {summary['epochs']} | {final['acc']:.2f} % | {best} | "
+              f"{summary['wall_s']:.1f} s |")  # fmt: skip
+    plot_comparison(runs, args.out / "comparison.png")
+    print(f"\nwrote {args.out / 'comparison.png'}; each run's checkpoint, metrics.jsonl/csv and "
+          f"accuracy.png are in {', '.join(str(p) for p in runs.values())}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from torch import nn
 
 from bwrf_ext import quantize_model
 from bwrf_ext.blocks import BlockSplit, FrozenPartner, split_model
-from bwrf_ext.demo import small_cnn
 from bwrf_ext.models import resnet20
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bwrf_ext"
@@ -85,9 +84,17 @@ def test_split_trains_the_model_it_shares():
     assert not torch.equal(model.layer2[0].conv1.weight, before)
 
 
+def small_sequential() -> nn.Sequential:
+    """Three conv-BN-ReLU stages and a linear head as one nn.Sequential (numbered names)."""
+    layers = []
+    for cin, cout, stride in ((1, 32, 1), (32, 64, 2), (64, 64, 1)):
+        layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
 def test_named_split_of_a_sequential():
     torch.manual_seed(0)
-    model = _with_bn_statistics(small_cnn(), (8, 1, 8, 8))
+    model = _with_bn_statistics(small_sequential(), (8, 1, 8, 8))
     x = torch.randn(4, 1, 8, 8)
     split = split_model(
         model, blocks=[["0", "1", "2"], ["3", "4", "5"], ["6", "7", "8"]], head=["9", "10", "11"],
