@@ -1,0 +1,150 @@
+"""The README's results table: FP, then LSQ and BWRF at W4A4/W3A3/W2A2 from it, same budget.
+
+Usage: ``python benchmarks/results_runs.py [--suite cifar10|fashion-mnist|all] [--epochs-qat N]``.
+
+Runs ``bwrf-train`` once per row (each run in ``runs/results/<suite>/<name>``; a finished run
+is skipped, an interrupted one resumed, so the script can be restarted), then copies each run's
+raw records (metrics.jsonl, summary.json, log.txt, accuracy.png) to
+``benchmarks/results/runs/<suite>/<name>/`` and writes the table to
+``benchmarks/results/results_table_<device>.md`` and ``.json``. Every command it runs is
+printed and kept in the table's JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.report import RESULTS_DIR, device_description  # noqa: E402
+from bwrf_ext.models.pretrained import akamaster_weights_path, default_shared_dir  # noqa: E402
+
+RUNS = Path("runs/results")
+BITS = ((2, 2), (3, 3), (4, 4))
+
+
+def suites(qat_epochs: int) -> dict[str, dict]:
+    """Each suite: the FP run's options, then the options shared by every LSQ/BWRF run."""
+    shared = default_shared_dir()
+    return {
+        "cifar10": {
+            "data": ["--dataset", "cifar10", "--data-dir",
+                     str(shared / "data" / "cifar10_jpeg_q75"), "--model", "resnet20"],
+            "fp": ["--init-from", str(akamaster_weights_path(20)), "--epochs", "2", "--lr", "0.01"],
+            "qat": ["--epochs", str(qat_epochs), "--lr", "0.01"],
+            "label": "CIFAR-10 (lossy JPEG-q75 copy)",
+            "fp_note": "akamaster ResNet-20 fine-tuned 2 epochs on the JPEG train split",
+        },
+        "fashion-mnist": {
+            "data": ["--dataset", "fashion-mnist", "--model", "resnet20"],
+            "fp": ["--epochs", "3", "--lr", "0.1"],
+            "qat": ["--epochs", str(qat_epochs), "--lr", "0.01"],
+            "label": "Fashion-MNIST (exact, Debian package)",
+            "fp_note": "ResNet-20 (1-channel stem) from scratch, 3 epochs",
+        },
+    }  # fmt: skip
+
+
+def run(name: str, suite: str, options: list[str]) -> dict:
+    out = RUNS / suite / name
+    if (out / "summary.json").is_file():
+        print(f"[{suite}/{name}] done before, kept")
+        return json.loads((out / "summary.json").read_text())
+    resume = ["--resume"] if (out / "last.pt").is_file() else []
+    command = [sys.executable, "-m", "bwrf_ext.train", *options, "--out", str(out),
+               "--no-progress", *resume]  # fmt: skip
+    print("$ " + " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+    return json.loads((out / "summary.json").read_text())
+
+
+def keep_records(suite: str, name: str) -> None:
+    source, target = RUNS / suite / name, RESULTS_DIR / "runs" / suite / name
+    target.mkdir(parents=True, exist_ok=True)
+    for file in ("metrics.jsonl", "summary.json", "log.txt", "accuracy.png"):
+        shutil.copy2(source / file, target / file)
+
+
+def command_line(summary: dict) -> str:
+    """The run's options as a bwrf-train command (what a reader reruns)."""
+    args = summary["args"]
+    parts = ["bwrf-train", "--method", args["method"], "--model", args["model"],
+             "--dataset", args["dataset"]]  # fmt: skip
+    if args.get("data_dir"):
+        parts += ["--data-dir", args["data_dir"]]
+    if args["method"] != "fp":
+        parts += ["--w-bits", str(args["w_bits"]), "--a-bits", str(args["a_bits"])]
+    if args.get("init_from"):
+        parts += ["--init-from", args["init_from"]]
+    parts += ["--epochs", str(args["epochs"]), "--lr", str(args["lr"])]
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", default="all", choices=("all", "cifar10", "fashion-mnist"))
+    parser.add_argument("--epochs-qat", type=int, default=2)
+    args = parser.parse_args(argv)
+    table = suites(args.epochs_qat)
+    chosen = list(table) if args.suite == "all" else [args.suite]
+    rows = []
+    for suite in chosen:
+        spec = table[suite]
+        fp = run("fp", suite, [*spec["data"], "--method", "fp", *spec["fp"]])
+        keep_records(suite, "fp")
+        rows.append((suite, "fp", fp))
+        for w, a in BITS:
+            for method in ("lsq", "bwrf"):
+                name = f"{method}_w{w}a{a}"
+                summary = run(name, suite, [
+                    *spec["data"], "--method", method, "--w-bits", str(w), "--a-bits", str(a),
+                    "--init-from", str(RUNS / suite / "fp"), *spec["qat"],
+                ])  # fmt: skip
+                keep_records(suite, name)
+                rows.append((suite, name, summary))
+        write_table(table, rows)
+
+
+def write_table(table: dict, rows: list[tuple[str, str, dict]]) -> None:
+    device = device_description(torch.device("cuda" if torch.cuda.is_available() else "cpu"))[0]
+    lines = [
+        "# Results: FP, then LSQ and BWRF from the same FP model, same budget",
+        "",
+        "Written by `python benchmarks/results_runs.py`; one seed (0); every run's records are in"
+        " `benchmarks/results/runs/<suite>/<run>/`.",
+        "",
+        "| data | model | bits | method | epochs | test accuracy | best MP branch | wall time |"
+        " machine |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for suite, _, s in rows:
+        final = s["final"]
+        bits = "FP" if s["method"] == "fp" else f"W{s['w_bits']}A{s['a_bits']}"
+        branches = [v for k, v in final.items() if k.startswith("acc_mp")]
+        best = f"{max(branches):.2f} %" if branches else "-"
+        lines.append(
+            f"| {table[suite]['label']} | {s['model']} | {bits} | {s['method'].upper()} | "
+            f"{s['epochs']} | {final['acc']:.2f} % | {best} | {s['wall_s'] / 60:.1f} min | "
+            f"{s['device']} |"
+        )
+    lines += ["", "FP rows: " + "; ".join(f"{v['label']}: {v['fp_note']}" for v in table.values())]
+    lines += ["", "Commands:", ""] + [f"- `{command_line(s)}`" for _, _, s in rows]
+    stem = RESULTS_DIR / f"results_table_{device}"
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(
+        [{"suite": suite, "run": name, "command": command_line(s), **s} for suite, name, s in rows],
+        indent=1,
+    ) + "\n")  # fmt: skip
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
