@@ -38,29 +38,30 @@ def suites(qat_epochs: int) -> dict[str, dict]:
         "cifar10": {
             "data": ["--dataset", "cifar10", "--data-dir",
                      str(shared / "data" / "cifar10_jpeg_q75"), "--model", "resnet20"],
-            "fp": ["--init-from", str(akamaster_weights_path(20)), "--epochs", "2", "--lr", "0.01"],
+            "fp": ["--init-from", str(akamaster_weights_path(20)), "--epochs", "1", "--lr", "0.01"],
             "qat": ["--epochs", str(qat_epochs), "--lr", "0.01"],
             "label": "CIFAR-10 (lossy JPEG-q75 copy)",
-            "fp_note": "akamaster ResNet-20 fine-tuned 2 epochs on the JPEG train split",
+            "fp_note": "akamaster ResNet-20 fine-tuned 1 epoch on the JPEG train split",
         },
         "fashion-mnist": {
             "data": ["--dataset", "fashion-mnist", "--model", "resnet20"],
-            "fp": ["--epochs", "3", "--lr", "0.1"],
+            "fp": ["--epochs", "2", "--lr", "0.1"],
             "qat": ["--epochs", str(qat_epochs), "--lr", "0.01"],
             "label": "Fashion-MNIST (exact, Debian package)",
-            "fp_note": "ResNet-20 (1-channel stem) from scratch, 3 epochs",
+            "fp_note": "ResNet-20 (1-channel stem) from scratch, 2 epochs",
         },
     }  # fmt: skip
 
 
-def run(name: str, suite: str, options: list[str]) -> dict:
+def run(name: str, suite: str, options: list[str], threads: int | None = None) -> dict:
     out = RUNS / suite / name
     if (out / "summary.json").is_file():
         print(f"[{suite}/{name}] done before, kept")
         return json.loads((out / "summary.json").read_text())
     resume = ["--resume"] if (out / "last.pt").is_file() else []
+    threads_option = ["--threads", str(threads)] if threads else []
     command = [sys.executable, "-m", "bwrf_ext.train", *options, "--out", str(out),
-               "--no-progress", *resume]  # fmt: skip
+               "--no-progress", *resume, *threads_option]  # fmt: skip
     print("$ " + " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True)
     return json.loads((out / "summary.json").read_text())
@@ -91,14 +92,15 @@ def command_line(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", default="all", choices=("all", "cifar10", "fashion-mnist"))
-    parser.add_argument("--epochs-qat", type=int, default=2)
+    parser.add_argument("--epochs-qat", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="passed to bwrf-train")
     args = parser.parse_args(argv)
     table = suites(args.epochs_qat)
     chosen = list(table) if args.suite == "all" else [args.suite]
     rows = []
     for suite in chosen:
         spec = table[suite]
-        fp = run("fp", suite, [*spec["data"], "--method", "fp", *spec["fp"]])
+        fp = run("fp", suite, [*spec["data"], "--method", "fp", *spec["fp"]], args.threads)
         keep_records(suite, "fp")
         rows.append((suite, "fp", fp))
         for w, a in BITS:
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
                 summary = run(name, suite, [
                     *spec["data"], "--method", method, "--w-bits", str(w), "--a-bits", str(a),
                     "--init-from", str(RUNS / suite / "fp"), *spec["qat"],
-                ])  # fmt: skip
+                ], args.threads)  # fmt: skip
                 keep_records(suite, name)
                 rows.append((suite, name, summary))
         write_table(table, rows)
@@ -135,9 +137,11 @@ def write_table(table: dict, rows: list[tuple[str, str, dict]]) -> None:
             f"{s['epochs']} | {final['acc']:.2f} % | {best} | {s['wall_s'] / 60:.1f} min | "
             f"{s['device']} |"
         )
-    lines += ["", "FP rows: " + "; ".join(f"{v['label']}: {v['fp_note']}" for v in table.values())]
-    lines += ["", "Commands:", ""] + [f"- `{command_line(s)}`" for _, _, s in rows]
-    stem = RESULTS_DIR / f"results_table_{device}"
+    suites_run = sorted({suite for suite, _, _ in rows})
+    notes = "; ".join(f"{table[k]['label']}: {table[k]['fp_note']}" for k in suites_run)
+    lines += ["", f"FP rows: {notes}.", "", "Commands:", ""]
+    lines += [f"- `{command_line(s)}`" for _, _, s in rows]
+    stem = RESULTS_DIR / f"results_table_{'_'.join(suites_run)}_{device}"
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     stem.with_suffix(".json").write_text(json.dumps(
         [{"suite": suite, "run": name, "command": command_line(s), **s} for suite, name, s in rows],

@@ -24,7 +24,9 @@ DEFAULT_MODEL = {
     "imagefolder": "resnet18",
 }
 # Options a resumed run may change: they do not alter what is computed.
-RESUME_MAY_CHANGE = {"resume", "out", "device", "progress", "tensorboard", "workers", "overwrite"}
+RESUME_MAY_CHANGE = {
+    "resume", "out", "device", "threads", "progress", "tensorboard", "workers", "overwrite"
+}
 
 
 class UsageError(ValueError):
@@ -97,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--branch-weights", default="uniform", choices=("uniform", "geometric"))
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    run.add_argument(
+        "--threads", type=int, default=None,
+        help="CPU threads of each process (default: torch's; 1 when sharing cores with others)",
+    )  # fmt: skip
     run.add_argument("--out", default=None, help="run directory (default runs/<method>-...)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     run.add_argument("--overwrite", action="store_true", help="replace the run in --out")
@@ -169,6 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not 0 <= args.warmup_epochs < args.epochs:
         raise UsageError(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.lr is not None and not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.lr is None:

@@ -214,6 +214,8 @@ class _Run:
     def run(self) -> dict[str, Any]:
         args, dist_state = self.args, self.dist
         started = time.perf_counter()
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         if dist_state.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         dist_state.barrier()
