@@ -12,7 +12,15 @@ from bwrf_ext.convert import (
 from bwrf_ext.export import QuantizedLayer, export_onnx, export_quantized, onnx_export_mode
 from bwrf_ext.lean import lean_report, make_lean
 from bwrf_ext.losses import kd_loss
-from bwrf_ext.methods import BWRF, BWRFConfig, BWRFOutput
+from bwrf_ext.methods import (
+    BWRF,
+    BWRFConfig,
+    BWRFOutput,
+    ContSup,
+    ContSupConfig,
+    ContSupCost,
+    ContSupOutput,
+)
 from bwrf_ext.nn import LSQQuantizer, QuantConfig, QuantConv2d, QuantLinear
 from bwrf_ext.ops import lsq_fake_quant, lsq_fake_quant_backward, pack_mask, unpack_mask_mul
 
@@ -21,6 +29,10 @@ __all__ = [
     "BWRFConfig",
     "BWRFOutput",
     "BlockSplit",
+    "ContSup",
+    "ContSupConfig",
+    "ContSupCost",
+    "ContSupOutput",
     "FrozenPartner",
     "LSQQuantizer",
     "LayerReport",

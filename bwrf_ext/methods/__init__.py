@@ -1,5 +1,14 @@
 """Training methods built on the block engine (bwrf_ext.blocks)."""
 
 from bwrf_ext.methods.bwrf import BWRF, BWRFConfig, BWRFOutput
+from bwrf_ext.methods.contsup import ContSup, ContSupConfig, ContSupCost, ContSupOutput
 
-__all__ = ["BWRF", "BWRFConfig", "BWRFOutput"]
+__all__ = [
+    "BWRF",
+    "BWRFConfig",
+    "BWRFOutput",
+    "ContSup",
+    "ContSupConfig",
+    "ContSupCost",
+    "ContSupOutput",
+]
