@@ -97,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument("--alpha", type=float, default=1.0, help="KD weight")
     bw.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
     bw.add_argument("--branch-weights", default="uniform", choices=("uniform", "geometric"))
+    cs = p.add_argument_group("ContSup")
+    cs.add_argument("--contsup-k", type=int, default=8, help="K gradient-isolated modules")
+    cs.add_argument(
+        "--contsup-split", default="infopro",
+        help="infopro, infopro_balanced, even or balanced (see bwrf_ext.ContSupConfig)",
+    )  # fmt: skip
+    cs.add_argument("--contsup-context", default="E", help="R0, E, R<n> or R<n>E")
+    cs.add_argument("--contsup-aux-head", default="1c2f", help="auxiliary head, <n>c<m>f")
+    cs.add_argument("--contsup-loss", default="ce", choices=("ce", "supcon"))
+    cs.add_argument("--contsup-reconstruction", action="store_true", help="add the decoder")
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda")
     run.add_argument(
@@ -142,9 +152,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"--model {args.model!r} is unknown; ours: resnet20/32/44/56/110, "
                 "cifar_resnet18, small_cnn, mlp; or a torchvision classification model name"
             )
-    quantized = args.method != "fp"
-    if not quantized and (args.w_bits is not None or args.a_bits is not None):
+    given_bits = args.w_bits is not None or args.a_bits is not None
+    if args.method == "fp" and given_bits:
         raise UsageError("--w-bits/--a-bits quantize the model: use --method lsq or bwrf, not fp")
+    # lsq and bwrf always quantize; the block-wise methods train a low-bit net when given bits.
+    quantized = args.method in ("lsq", "bwrf") or given_bits
     if quantized:
         args.w_bits = 4 if args.w_bits is None else args.w_bits
         args.a_bits = 4 if args.a_bits is None else args.a_bits
@@ -185,10 +197,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("--resume continues the run in --out, --overwrite replaces it: pick one")
     if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
         raise UsageError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
+    if args.method == "contsup":
+        if args.amp:
+            raise UsageError("--amp does not apply to --method contsup (backward per module)")
+        if args.contsup_k < 1:
+            raise UsageError(f"--contsup-k must be >= 1, got {args.contsup_k}")
     if args.amp and args.device == "cpu":
         raise UsageError("--amp is bf16 autocast on CUDA; it does nothing useful with --device cpu")
     if args.out is None:
         bits = f"-w{args.w_bits}a{args.a_bits}" if quantized else ""
+        if args.method == "contsup":
+            bits = f"-k{args.contsup_k}{args.contsup_context}{bits}"
         args.out = str(Path("runs") / f"{args.method}-{args.model}-{args.dataset}{bits}")
     return args
 

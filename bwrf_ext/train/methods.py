@@ -18,7 +18,7 @@ from torch import nn
 import bwrf_ext
 from bwrf_ext.blocks import BlockSplit
 
-METHODS = ("fp", "lsq", "bwrf")
+METHODS = ("fp", "lsq", "bwrf", "contsup")
 
 
 @dataclass
@@ -36,6 +36,10 @@ class Method:
             branches/stones/heads the method tracks (e.g. "mp1", "fp").
         partner: a frozen reference model saved beside the model (BWRF's FP twin), or None.
         quantized: whether the model holds quantizers.
+        local_step: for methods that backpropagate inside their own step (ContSup's
+            per-module backward): (x, y) -> {term: value}, gradients left in ``.grad``. Such
+            a step cannot run inside DistributedDataParallel; the loop all-reduces the
+            gradients after it instead.
     """
 
     name: str
@@ -45,6 +49,7 @@ class Method:
     evaluate: Callable[[torch.Tensor], dict[str, torch.Tensor]]
     partner: nn.Module | None = None
     quantized: bool = False
+    local_step: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | None = None
 
     def step(
         self,
@@ -54,6 +59,8 @@ class Method:
         autocast: contextlib.AbstractContextManager,
     ) -> dict[str, float]:
         """Forward and backward of one batch; returns the loss terms as floats."""
+        if self.local_step is not None:
+            return self.local_step(x, y)
         with autocast:
             loss, terms = self.forward_loss(module, x, y)
         loss.backward()
@@ -98,3 +105,25 @@ def bwrf_method(
     return Method(
         "bwrf", lp_model, wrapper, _bwrf_loss, evaluate, partner=fp_model, quantized=True
     )
+
+
+def contsup_method(
+    model: nn.Module, config: bwrf_ext.ContSupConfig, split: BlockSplit,
+    example_input: torch.Tensor, quantized: bool,
+) -> Method:  # fmt: skip
+    """ContSup: K gradient-isolated modules, each backpropagated at once inside the step."""
+    wrapper = bwrf_ext.ContSup(model, config, split=split, example_input=example_input)
+
+    def local_step(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        out = wrapper.train_step(x, y)  # backward only: the loop owns the optimizer
+        return {"loss": out.loss.item(), **{k: float(v) for k, v in out.losses.items()}}
+
+    @torch.no_grad()
+    def evaluate(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"model": wrapper(x)}  # the main net with its context projectors
+
+    # The model is the wrapper: its context projectors are part of the network at inference.
+    return Method(
+        "contsup", wrapper, wrapper, _cross_entropy, evaluate, quantized=quantized,
+        local_step=local_step,
+    )  # fmt: skip

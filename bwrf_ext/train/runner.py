@@ -32,7 +32,7 @@ from bwrf_ext.train.checkpoint import (
     save_atomic,
 )
 from bwrf_ext.train.cli import RESUME_MAY_CHANGE, UsageError
-from bwrf_ext.train.methods import Method, bwrf_method, plain_method
+from bwrf_ext.train.methods import Method, bwrf_method, contsup_method, plain_method
 from bwrf_ext.train.reporting import MetricsLog, plot_accuracy
 
 # Files a run writes in its directory; --overwrite removes exactly these.
@@ -143,30 +143,34 @@ class _Run:
                     f"{args.model}"
                 )
             load_into(model, state, f"--init-from {args.init_from}")
-        if args.method == "fp":
-            method = plain_method("fp", model, quantized=False)
-        else:
-            fp_model = model
-            lp_model = bwrf_ext.quantize_model(
-                fp_model, args.w_bits, args.a_bits, args.first_last_bits or None
+        example = data.train[0][0].unsqueeze(0).repeat(2, 1, 1, 1)
+        quantized = args.w_bits is not None
+        net = model
+        if quantized:
+            net = bwrf_ext.quantize_model(
+                model, args.w_bits, args.a_bits, args.first_last_bits or None
             )
-            if args.sync_bn:
-                lp_model = nn.SyncBatchNorm.convert_sync_batchnorm(lp_model)
-            if args.method == "lsq":
-                method = plain_method("lsq", lp_model, quantized=True)
-            else:
-                example = data.train[0][0].unsqueeze(0).repeat(2, 1, 1, 1)
-                config = bwrf_ext.BWRFConfig(
-                    alpha=args.alpha, temperature=args.temperature,
-                    branch_weights=args.branch_weights,
-                )  # fmt: skip
-                method = bwrf_method(
-                    lp_model, fp_model, config,
-                    split_named_model(args.model, lp_model, example),
-                    split_named_model(args.model, fp_model, example),
-                )  # fmt: skip
-        if args.sync_bn and args.method == "fp":
-            method.model = method.trainable = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if args.sync_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        if args.method in ("fp", "lsq"):
+            method = plain_method(args.method, net, quantized)
+        elif args.method == "bwrf":
+            config = bwrf_ext.BWRFConfig(
+                alpha=args.alpha, temperature=args.temperature, branch_weights=args.branch_weights
+            )
+            method = bwrf_method(
+                net, model, config, split_named_model(args.model, net, example),
+                split_named_model(args.model, model, example),
+            )  # fmt: skip
+        else:
+            config = bwrf_ext.ContSupConfig(
+                num_modules=args.contsup_k, split=args.contsup_split,
+                context=args.contsup_context, aux_head=args.contsup_aux_head,
+                local_loss=args.contsup_loss, reconstruction=args.contsup_reconstruction,
+                image_mean=data.mean, image_std=data.std,
+            )  # fmt: skip
+            split = split_named_model(args.model, net, example)
+            method = contsup_method(net, config, split, example, quantized)
         method.trainable.to(self.dist.device)
         if ckpt is not None:
             load_into(method.model, ckpt["model"], "the checkpoint's model")
@@ -259,7 +263,7 @@ class _Run:
             start_epoch, history = self.resumed["epoch"], self.resumed["history"]
             self.log(f"resumed after epoch {start_epoch} from {self.out / 'last.pt'}")
         module: nn.Module = method.trainable
-        if dist_state.enabled:
+        if dist_state.enabled and method.local_step is None:
             device_ids = [dist_state.device] if dist_state.device.type == "cuda" else None
             module = DistributedDataParallel(method.trainable, device_ids=device_ids)
         metrics = (
@@ -344,6 +348,8 @@ class _Run:
             y = y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             terms = method.step(module, x, y, autocast)
+            if self.dist.enabled and method.local_step is not None:
+                self._average_gradients(method)
             if not math.isfinite(terms["loss"]):
                 raise RunError(
                     f"the loss is {terms['loss']} at epoch {epoch + 1}, step {step + 1}; "
@@ -359,6 +365,13 @@ class _Run:
         totals = self.dist.sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
         steps = len(loader) * self.dist.world_size
         return {k: float(v) / steps for k, v in zip(keys, totals, strict=True)}
+
+    def _average_gradients(self, method: Method) -> None:
+        """What DDP does for one-backward methods, for a method that backpropagates itself."""
+        grads = [p.grad for p in method.trainable.parameters() if p.grad is not None]
+        flat = self.dist.sum(torch.cat([g.flatten() for g in grads])) / self.dist.world_size
+        for grad, mean in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            grad.copy_(mean.view_as(grad))
 
     @torch.no_grad()
     def _evaluate(self, method: Method, loader: DataLoader, autocast) -> dict[str, float]:
