@@ -11,9 +11,12 @@ from bwrf_ext.convert import (
 )
 from bwrf_ext.export import QuantizedLayer, export_onnx, export_quantized, onnx_export_mode
 from bwrf_ext.lean import lean_report, make_lean
-from bwrf_ext.losses import kd_loss
+from bwrf_ext.losses import dkd_loss, kd_loss
 from bwrf_ext.methods import (
     BWRF,
+    BlockKD,
+    BlockKDConfig,
+    BlockKDOutput,
     BWRFConfig,
     BWRFOutput,
     ContSup,
@@ -28,6 +31,9 @@ __all__ = [
     "BWRF",
     "BWRFConfig",
     "BWRFOutput",
+    "BlockKD",
+    "BlockKDConfig",
+    "BlockKDOutput",
     "BlockSplit",
     "ContSup",
     "ContSupConfig",
@@ -42,6 +48,7 @@ __all__ = [
     "QuantizedLayer",
     "build_info",
     "export_onnx",
+    "dkd_loss",
     "export_quantized",
     "freeze_scales",
     "kd_loss",

@@ -8,6 +8,15 @@ from bwrf_ext.models.cifar_resnet import (
     resnet44,
     resnet56,
 )
+from bwrf_ext.models.kd_zoo import (
+    KDResNet,
+    WideResNet,
+    kd_zoo_split,
+    resnet8x4,
+    resnet32x4,
+    wrn_16_2,
+    wrn_40_2,
+)
 from bwrf_ext.models.pretrained import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -16,6 +25,13 @@ from bwrf_ext.models.pretrained import (
 )
 
 __all__ = [
+    "KDResNet",
+    "WideResNet",
+    "kd_zoo_split",
+    "resnet8x4",
+    "resnet32x4",
+    "wrn_16_2",
+    "wrn_40_2",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CifarResNet",

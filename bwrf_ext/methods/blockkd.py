@@ -1,0 +1,509 @@
+"""Block-KD: block-wise logit distillation through stepping-stone models (student -> teacher)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bwrf_ext.blocks import BlockSplit, FrozenPartner, split_model
+from bwrf_ext.losses import dkd_loss, kd_loss
+from bwrf_ext.models.kd_zoo import KDResNet, WideResNet, kd_zoo_split
+
+__all__ = [
+    "BlockKD",
+    "BlockKDConfig",
+    "BlockKDOutput",
+    "ConnectorFactory",
+    "ConvBNConnector",
+    "KDFunction",
+    "conv_bn_connector",
+]
+
+KDFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+"""A pluggable distillation loss: (student (B, C), target (B, C), labels (B,), T) -> 0-dim."""
+
+ConnectorFactory = Callable[[int, torch.Size, torch.Size], nn.Module]
+"""Builds connector C_i from (i, student block i's output shape, teacher block i's output shape);
+the shapes are those of the example input, batch dimension included."""
+
+
+@dataclass(frozen=True)
+class BlockKDConfig:
+    """Options of :class:`BlockKD`; the defaults are those of DESIGN.md §1.2.
+
+    With n blocks, z_S the student's logits, z_T the teacher's, z_i those of stepping stone N_i
+    (student blocks 1..i -> connector C_i -> teacher blocks i+1..n -> teacher head) and
+    z_E = mean_i z_i (the stones' ensemble, detached by default), every model m (the student
+    and each stone) has the loss
+
+        L_m = CE(z_m, y) + alpha * KD(z_m || z_T) + gamma * KD(z_m || z_E)
+
+    and the total is ``L_S + beta * sum_i w_i * L_i`` with ``w_i = 1 / 2^(n-i)`` by default: the
+    stone with the most student blocks weighs most. KD is ``T^2 * KL(softmax(target/T) ||
+    softmax(z/T))`` by default (:func:`bwrf_ext.losses.kd_loss`), or DKD
+    (:func:`bwrf_ext.losses.dkd_loss`), or any :data:`KDFunction`.
+
+    Attributes:
+        alpha: weight of KD toward the teacher, for the student and every stone.
+        beta: weight of the stones' losses (times w_i).
+        gamma: weight of KD toward the stones' ensemble, for the student and every stone (no
+            ensemble term without stones).
+        temperature: T, of every KD term (the CIFAR KD literature's 4).
+        stone_weights: "geometric" (w_i = 2^-(n-i)), "uniform" (w_i = 1) or one float per
+            selected stone, in stone order.
+        stones: which N_i to build, i in 1..n (N_n: the student's blocks, C_n, the teacher's
+            head); None for 1..n-1, () for none (then Block-KD is plain KD: CE + alpha * KD).
+        kd: "kl" (Hinton's KD), "dkd" (decoupled KD, Zhao et al. 2022; usually ramped up over
+            the first epochs, which the caller does by scaling ``alpha``/``gamma`` in new
+            wrappers or by its own KDFunction) or a KDFunction.
+        dkd_tckd_weight: DKD's target-class weight (its alpha; 1 on CIFAR-100 in the paper).
+        dkd_nckd_weight: DKD's non-target-class weight (its beta; 8 on CIFAR-100).
+        detach_ensemble: the ensemble target z_E carries no gradient (False: the ensemble
+            term also moves the stones toward the models pulled to it).
+        batched: run the teacher suffixes of all stones through each teacher block as one call
+            (exact: the teacher's BatchNorm is in eval mode); False is the per-stone loop.
+        lean_teacher: run the stones' teacher suffixes through the memory-lean copy of the
+            teacher (:mod:`bwrf_ext.lean`: same gradients, a 1-bit mask per ReLU saved instead of
+            every conv and BatchNorm input); False for plain autograd.
+    """
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    temperature: float = 4.0
+    stone_weights: Literal["geometric", "uniform"] | tuple[float, ...] = "geometric"
+    stones: tuple[int, ...] | None = None
+    kd: Literal["kl", "dkd"] | KDFunction = "kl"
+    dkd_tckd_weight: float = 1.0
+    dkd_nckd_weight: float = 8.0
+    detach_ensemble: bool = True
+    batched: bool = True
+    lean_teacher: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("alpha", "beta", "gamma", "dkd_tckd_weight", "dkd_nckd_weight"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"BlockKDConfig: {name} must be >= 0, got {value}")
+        if not self.temperature > 0:
+            raise ValueError(f"BlockKDConfig: temperature must be > 0, got {self.temperature}")
+        if isinstance(self.kd, str):
+            if self.kd not in ("kl", "dkd"):
+                raise ValueError(
+                    f"BlockKDConfig: kd must be 'kl', 'dkd' or a callable (student, target, "
+                    f"labels, T) -> loss, got {self.kd!r}"
+                )
+        elif not callable(self.kd):
+            raise ValueError(
+                f"BlockKDConfig: kd must be 'kl', 'dkd' or a callable, got {self.kd!r}"
+            )
+        if isinstance(self.stone_weights, str):
+            if self.stone_weights not in ("geometric", "uniform"):
+                raise ValueError(
+                    "BlockKDConfig: stone_weights must be 'geometric', 'uniform' or a tuple of "
+                    f"floats, got {self.stone_weights!r}"
+                )
+        else:
+            object.__setattr__(self, "stone_weights", tuple(float(w) for w in self.stone_weights))
+        if self.stones is not None:
+            object.__setattr__(self, "stones", tuple(int(i) for i in self.stones))
+            if len(set(self.stones)) != len(self.stones):
+                raise ValueError(f"BlockKDConfig: stones has duplicates: {self.stones}")
+
+    def resolve(self, num_blocks: int) -> dict[int, float]:
+        """Stone index i -> w_i (before beta), in increasing i, for a split into num_blocks."""
+        stones = self.stones if self.stones is not None else tuple(range(1, num_blocks))
+        for i in stones:
+            if not 1 <= i <= num_blocks:
+                raise ValueError(
+                    f"BlockKDConfig: stone {i} does not exist; with {num_blocks} blocks the "
+                    f"stones are 1..{num_blocks}"
+                )
+        stones = tuple(sorted(stones))
+        if self.stone_weights == "geometric":
+            weights: Sequence[float] = [2.0 ** -(num_blocks - i) for i in stones]
+        elif self.stone_weights == "uniform":
+            weights = [1.0] * len(stones)
+        else:
+            weights = self.stone_weights
+            if len(weights) != len(stones):
+                raise ValueError(
+                    f"BlockKDConfig: {len(weights)} stone_weights for {len(stones)} stones "
+                    f"{stones}"
+                )
+        return dict(zip(stones, weights, strict=True))
+
+    def kd_term(
+        self, logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The configured KD loss of (B, C) logits toward (B, C) target logits, 0-dim."""
+        if self.kd == "kl":
+            return kd_loss(logits, target_logits, self.temperature)
+        if self.kd == "dkd":
+            return dkd_loss(logits, target_logits, labels, self.temperature,
+                            self.dkd_tckd_weight, self.dkd_nckd_weight)
+        return self.kd(logits, target_logits, labels, self.temperature)
+
+
+@dataclass
+class BlockKDOutput:
+    """What one BlockKD forward returns.
+
+    Attributes:
+        student_logits: (B, C) logits of the student, z_S.
+        teacher_logits: (B, C) logits of the teacher, z_T (no grad); None in eval mode.
+        stone_logits: stone i -> (B, C) logits of N_i; empty in eval mode.
+        ensemble_logits: (B, C) z_E, the mean of the stones' logits (detached when the config
+            says so); None without stones and in eval mode.
+        losses: every term, unweighted: "student_ce", "student_kd", "student_ens", "stone{i}_ce",
+            "stone{i}_kd", "stone{i}_ens" ("*_ens" only with stones; eval mode: "student_ce" when
+            labels are given). Terms outside the total (weight 0) are detached.
+        loss_weights: the coefficient of each term in ``loss``;
+            ``loss == sum(loss_weights[k] * losses[k])``.
+        loss: the total, 0-dim; None in eval mode without labels.
+    """
+
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+    stone_logits: dict[int, torch.Tensor] = field(default_factory=dict)
+    ensemble_logits: torch.Tensor | None = None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
+
+
+class ConvBNConnector(nn.Module):
+    """The default connector: spatial resize (when needed), 1x1 conv, BatchNorm.
+
+    The resize keeps the size ratio seen at construction, so one connector serves any input
+    resolution at which the two networks keep that ratio: shrinking is adaptive average pooling
+    (anti-aliased, exact for integer factors), growing is bilinear interpolation. The resize
+    comes first because a 1x1 conv commutes with it and then runs on the smaller map when
+    shrinking.
+
+    Args:
+        in_channels: channels of the student's block output.
+        out_channels: channels of the teacher's block output.
+        size_ratio: (teacher H / student H, teacher W / student W); (1, 1) for no resize.
+
+    Shape:
+        (N, in_channels, H, W) -> (N, out_channels, round(H * ry), round(W * rx)).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int,
+                 size_ratio: tuple[float, float] = (1.0, 1.0)) -> None:
+        super().__init__()
+        self.size_ratio = (float(size_ratio[0]), float(size_ratio[1]))
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        height, width = h.shape[-2:]
+        size = (round(height * self.size_ratio[0]), round(width * self.size_ratio[1]))
+        if size != (height, width):
+            if size[0] <= height and size[1] <= width:
+                h = F.adaptive_avg_pool2d(h, size)
+            else:
+                h = F.interpolate(h, size=size, mode="bilinear", align_corners=False)
+        return self.bn(self.conv(h))
+
+    def extra_repr(self) -> str:
+        return f"size_ratio={self.size_ratio}"
+
+
+def conv_bn_connector(
+    index: int, student_shape: torch.Size, teacher_shape: torch.Size
+) -> ConvBNConnector:
+    """The default :data:`ConnectorFactory`: a :class:`ConvBNConnector` between two 4-D maps.
+
+    Raises:
+        ValueError: a block output that is not (N, C, H, W); pass your own connectors then.
+    """
+    if len(student_shape) != 4 or len(teacher_shape) != 4:
+        raise ValueError(
+            f"BlockKD: the default connector C_{index} maps (N, C, H, W) maps; student block "
+            f"{index} outputs {tuple(student_shape)}, teacher block {index} "
+            f"{tuple(teacher_shape)}; pass connectors={{{index}: module}} or a factory"
+        )
+    ratio = (teacher_shape[2] / student_shape[2], teacher_shape[3] / student_shape[3])
+    return ConvBNConnector(student_shape[1], teacher_shape[1], ratio)
+
+
+class BlockKD(nn.Module):
+    """Block-wise logit distillation: a student trained through stepping stones into a teacher.
+
+    Student and teacher may differ in architecture; both split into the same number n of
+    blocks (automatic splits for CIFAR ResNets, torchvision ResNets and MobileNetV2, the KD
+    zoo's models (:mod:`bwrf_ext.models.kd_zoo`), or explicit splits). Stepping stone N_i is
+    student blocks 1..i, connector C_i (student block i's output -> teacher block i's output
+    shape), teacher blocks i+1..n and the teacher's head: its logits are a logit-level
+    alignment of the student's intermediate features. In train mode one call runs the teacher
+    under no_grad (z_T and its block shapes), the student once keeping h_1..h_n, the connectors,
+    and the stones' teacher suffixes, batched through each teacher block and memory-lean by
+    default. Stone gradients reach student blocks 1..i and C_i through the frozen teacher.
+    In eval mode only the student runs. The loss is documented in :class:`BlockKDConfig`.
+
+    The student may be quantized (``bwrf_ext.quantize_model``) or not: the wrapper only runs
+    blocks. The teacher is frozen in place and held outside the module tree: ``parameters()``
+    and ``state_dict()`` are the student's and the connectors', so
+    ``torch.optim.SGD(blockkd.parameters(), ...)`` trains both. For inference keep
+    ``blockkd.student``.
+
+    Example::
+
+        teacher = pretrained_cifar_resnet(56)
+        student = resnet20()
+        blockkd = BlockKD(student, teacher, BlockKDConfig())
+        optimizer = torch.optim.SGD(blockkd.parameters(), lr=0.05, momentum=0.9)
+        out = blockkd(images, labels)
+        out.loss.backward()
+
+    Args:
+        student: the model to train.
+        teacher: the teacher; frozen in place, never modified.
+        config: loss and stone options (default BlockKDConfig()).
+        connectors: None for :func:`conv_bn_connector`; a :data:`ConnectorFactory`; or
+            stone index -> module for every stone (modules must be new: they are trained).
+        student_split, teacher_split: explicit splits (``split_model`` with module names) for
+            models without an automatic one.
+        example_input: an input both models take, to learn the block output shapes the
+            connectors map between (default: (2, 3, 32, 32) normal noise on the student's
+            device, in its dtype; factory-built connectors go there too). The student runs on a
+            copy, so lazily initialised quantizers stay
+            untouched.
+
+    Raises:
+        ValueError: the same model twice, shared parameters, different block or class counts,
+            a connector whose output does not match the teacher's block output (naming the
+            block and both shapes).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        config: BlockKDConfig | None = None,
+        *,
+        connectors: ConnectorFactory | Mapping[int, nn.Module] | None = None,
+        student_split: BlockSplit | None = None,
+        teacher_split: BlockSplit | None = None,
+        example_input: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if student is teacher:
+            raise ValueError("BlockKD: student and teacher must be two models, got the same one")
+        teacher_params = {id(p) for p in teacher.parameters()}
+        shared = [n for n, p in student.named_parameters() if id(p) in teacher_params]
+        if shared:
+            raise ValueError(
+                f"BlockKD: the student shares parameters with the teacher ({shared[:3]}...); "
+                "train a copy"
+            )
+        self.config = config or BlockKDConfig()
+        self.student = student
+        student_split = student_split or _default_split(student)
+        teacher_split = teacher_split or _default_split(teacher)
+        _check_split_of(student_split, student, "student_split")
+        _check_split_of(teacher_split, teacher, "teacher_split")
+        if student_split.num_blocks != teacher_split.num_blocks:
+            raise ValueError(
+                f"BlockKD: the student splits into {student_split.num_blocks} blocks, the "
+                f"teacher into {teacher_split.num_blocks}; split both into the same number"
+            )
+        self.stone_weights = self.config.resolve(student_split.num_blocks)
+        # Through __dict__: as registered children the split would duplicate the student's
+        # state_dict keys and the teacher would reach the optimizer.
+        self.__dict__["student_split"] = student_split
+        self.__dict__["partner"] = FrozenPartner(
+            teacher, teacher_split, lean=self.config.lean_teacher
+        )
+        if example_input is None:
+            reference = next(student.parameters(), torch.empty(0))
+            example_input = torch.randn(
+                2, 3, 32, 32, generator=torch.Generator().manual_seed(0)
+            ).to(reference.device, reference.dtype)
+        self.connectors = self._build_connectors(connectors, example_input)
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The frozen teacher."""
+        return self.partner.model
+
+    @property
+    def num_blocks(self) -> int:
+        """n, the number of blocks of both models."""
+        return self.student_split.num_blocks
+
+    def connector(self, i: int) -> nn.Module:
+        """C_i, the connector of stone i."""
+        return self.connectors[str(i)]
+
+    def student_parameters(self) -> Iterator[nn.Parameter]:
+        """The student's parameters (``parameters()`` adds the connectors')."""
+        return self.student.parameters()
+
+    def train(self, mode: bool = True) -> BlockKD:
+        """Sets the student's and the connectors' mode; the teacher stays in eval mode."""
+        super().train(mode)
+        self.student_split.train(mode)
+        self.partner.ensure_frozen()
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda()/.half() reach the unregistered teacher and the split's own glue modules.
+        super()._apply(fn, recurse)
+        self.partner._apply(fn)
+        self.student_split._apply(fn, recurse)
+        return self
+
+    def _build_connectors(
+        self,
+        connectors: ConnectorFactory | Mapping[int, nn.Module] | None,
+        example_input: torch.Tensor,
+    ) -> nn.ModuleDict:
+        """Builds (or takes) C_i for every stone and checks its output shape on the example."""
+        teacher_outputs, teacher_logits = self.partner.block_outputs_and_logits(example_input)
+        # A copy: a lazily initialised quantizer (LSQ) would take its step sizes from this
+        # example, and a train-mode BatchNorm would update its statistics.
+        probe = copy.deepcopy(self.student_split).eval()
+        with torch.no_grad():
+            student_outputs = probe.block_outputs(example_input)
+            student_logits = probe.head(student_outputs[-1])
+        del probe
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(
+                f"BlockKD: the student outputs {tuple(student_logits.shape)}, the teacher "
+                f"{tuple(teacher_logits.shape)} on the example input; distillation needs one "
+                "logit shape"
+            )
+        if isinstance(connectors, Mapping):
+            given = {int(i): m for i, m in connectors.items()}
+            if sorted(given) != sorted(self.stone_weights):
+                raise ValueError(
+                    f"BlockKD: connectors are given for stones {sorted(given)}, the config "
+                    f"builds stones {sorted(self.stone_weights)}"
+                )
+        else:
+            factory = connectors or conv_bn_connector
+            # Built where the student lives, in its dtype: the factory only sees shapes.
+            given = {
+                i: factory(i, student_outputs[i - 1].shape, teacher_outputs[i - 1].shape).to(
+                    example_input.device, example_input.dtype
+                )
+                for i in self.stone_weights
+            }
+        for i, module in given.items():
+            probe = copy.deepcopy(module).eval()
+            with torch.no_grad():
+                mapped = probe(student_outputs[i - 1])
+            _check_stone_input(i, self.num_blocks, student_outputs[i - 1].shape, mapped.shape,
+                               teacher_outputs[i - 1].shape)
+        return nn.ModuleDict({str(i): given[i] for i in sorted(given)})
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> BlockKDOutput:
+        """One Block-KD forward.
+
+        Args:
+            x: a batch both models take, e.g. (B, 3, H, W) float.
+            y: (B,) int64 labels; required in train mode.
+
+        Returns:
+            A BlockKDOutput; in eval mode only ``student_logits`` (and "student_ce"/``loss``
+            when y is given).
+        """
+        if not self.training:
+            logits = self.student(x)
+            if y is None:
+                return BlockKDOutput(student_logits=logits)
+            ce = F.cross_entropy(logits.float(), y)
+            return BlockKDOutput(logits, losses={"student_ce": ce},
+                                 loss_weights={"student_ce": 1.0}, loss=ce)
+        if y is None:
+            raise ValueError("BlockKD.forward: labels y are required in train mode")
+        config = self.config
+        n = self.num_blocks
+        # The teacher's full forward runs first, while no student activation is held yet, and
+        # only its block shapes are kept: its transient memory never adds to the step's peak.
+        teacher_outputs, teacher_logits = self.partner.block_outputs_and_logits(x)
+        teacher_shapes = [o.shape for o in teacher_outputs]
+        del teacher_outputs
+        student_outputs = self.student_split.block_outputs(x)
+        student_logits = self.student_split.head(student_outputs[-1])
+        entries = {}
+        for i in self.stone_weights:
+            mapped = self.connectors[str(i)](student_outputs[i - 1])
+            _check_stone_input(i, n, student_outputs[i - 1].shape, mapped.shape,
+                               teacher_shapes[i - 1])
+            entries[i] = mapped
+        # Entering the teacher at 0-based block i runs teacher blocks i+1..n (1-based); stone n
+        # enters at the head, which FrozenPartner.branches does not take as an entry.
+        stone_logits = self.partner.branches(
+            {i: e for i, e in entries.items() if i < n}, batched=config.batched
+        )
+        if n in entries:
+            stone_logits[n] = self.partner.run_head(entries[n])
+        stone_logits = {i: stone_logits[i] for i in self.stone_weights}
+
+        ensemble = None
+        if stone_logits:
+            ensemble = torch.stack([z.float() for z in stone_logits.values()]).mean(0)
+            if config.detach_ensemble:
+                ensemble = ensemble.detach()
+        losses: dict[str, torch.Tensor] = {}
+        weights: dict[str, float] = {}
+        scored = [("student", student_logits, 1.0)]
+        scored += [(f"stone{i}", stone_logits[i], config.beta * w)
+                   for i, w in self.stone_weights.items()]
+        total = None
+        for name, logits, weight in scored:
+            targets = [("ce", None, weight), ("kd", teacher_logits, weight * config.alpha)]
+            if ensemble is not None:
+                targets.append(("ens", ensemble, weight * config.gamma))
+            for suffix, target, w in targets:
+                # A weight-0 term is reported only: computed on detached logits, out of the graph.
+                z = logits if w else logits.detach()
+                if target is None:
+                    value = F.cross_entropy(z.float(), y)
+                else:
+                    value = config.kd_term(z, target, y)
+                losses[f"{name}_{suffix}"] = value
+                weights[f"{name}_{suffix}"] = w
+                if w:
+                    total = w * value if total is None else total + w * value
+        if total is None:
+            raise ValueError("BlockKD.forward: every loss term has weight 0")
+        return BlockKDOutput(student_logits, teacher_logits, stone_logits, ensemble, losses,
+                             weights, total)
+
+
+def _default_split(model: nn.Module) -> BlockSplit:
+    """split_model's automatic split, or the KD zoo's for its models."""
+    if isinstance(model, (KDResNet, WideResNet)):
+        return kd_zoo_split(model)
+    return split_model(model)
+
+
+def _check_split_of(split: BlockSplit, model: nn.Module, what: str) -> None:
+    """Raises ValueError unless every parameter of the split belongs to the model."""
+    own = {id(p) for p in model.parameters()}
+    foreign = [n for n, p in split.named_parameters() if id(p) not in own]
+    if foreign:
+        raise ValueError(f"BlockKD: {what} holds parameters not in its model: {foreign[:3]}")
+
+
+def _check_stone_input(i: int, n: int, student_shape: torch.Size, mapped_shape: torch.Size,
+                       teacher_shape: torch.Size) -> None:
+    """Raises ValueError unless C_i's output has the shape of teacher block i's output."""
+    if mapped_shape != teacher_shape:
+        consumer = f"teacher block {i + 1}" if i < n else "the teacher's head"
+        raise ValueError(
+            f"BlockKD: stone {i}: connector C_{i} maps student block {i}'s output "
+            f"{tuple(student_shape)} to {tuple(mapped_shape)}, but {consumer} takes teacher "
+            f"block {i}'s output shape {tuple(teacher_shape)}"
+        )
