@@ -96,6 +96,8 @@ def split_model(
       ``conv1, bn1, ReLU`` (joins block 1); head ``avgpool, flatten, linear``.
     - torchvision ResNets: 4 blocks ``layer1..layer4``; stem ``conv1, bn1, relu, maxpool``;
       head ``avgpool, flatten, fc``.
+    - the KD literature's resnet8x4/32x4 and WRN-16-2/40-2 (``bwrf_ext.models.kd_zoo``):
+      3 blocks, see :func:`~bwrf_ext.models.kd_zoo.kd_zoo_split`.
     - torchvision MobileNetV2, 4 blocks by output resolution (stride 4/8/16/32):
       stem ``features.0``; blocks ``features.1-3`` (24 ch), ``features.4-6`` (32 ch),
       ``features.7-13`` (64 and 96 ch), ``features.14-18`` (160, 320 and the 1280-ch conv);
@@ -204,7 +206,26 @@ def _names_of(split: BlockSplit, label: str) -> list[str] | str:
     return blocks[int(label.split()[1]) - 1]
 
 
+def check_split_of(split: BlockSplit, model: nn.Module, who: str, what: str) -> None:
+    """Raises ValueError unless every parameter of ``split`` belongs to ``model``.
+
+    A split built from another model (or a copy) would train or freeze the wrong weights.
+
+    Args:
+        who: the caller for the message, e.g. "BWRF".
+        what: the split's argument name, e.g. "lp_split".
+    """
+    own = {id(p) for p in model.parameters()}
+    foreign = [n for n, p in split.named_parameters() if id(p) not in own]
+    if foreign:
+        raise ValueError(f"{who}: {what} holds parameters not in its model: {foreign[:3]}")
+
+
 def _automatic_split(model: nn.Module) -> BlockSplit:
+    from bwrf_ext.models.kd_zoo import KDResNet, WideResNet, kd_zoo_split
+
+    if isinstance(model, (KDResNet, WideResNet)):
+        return kd_zoo_split(model)
     if isinstance(model, CifarResNet):
         # CifarResNet's forward applies ReLU functionally after bn1.
         return BlockSplit(

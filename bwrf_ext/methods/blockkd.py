@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bwrf_ext.blocks import BlockSplit, FrozenPartner, split_model
+from bwrf_ext.blocks import BlockSplit, FrozenPartner, check_split_of, split_model
 from bwrf_ext.losses import dkd_loss, kd_loss
-from bwrf_ext.models.kd_zoo import KDResNet, WideResNet, kd_zoo_split
 
 __all__ = [
     "BlockKD",
@@ -307,10 +306,10 @@ class BlockKD(nn.Module):
             )
         self.config = config or BlockKDConfig()
         self.student = student
-        student_split = student_split or _default_split(student)
-        teacher_split = teacher_split or _default_split(teacher)
-        _check_split_of(student_split, student, "student_split")
-        _check_split_of(teacher_split, teacher, "teacher_split")
+        student_split = student_split or split_model(student)
+        teacher_split = teacher_split or split_model(teacher)
+        check_split_of(student_split, student, "BlockKD", "student_split")
+        check_split_of(teacher_split, teacher, "BlockKD", "teacher_split")
         if student_split.num_blocks != teacher_split.num_blocks:
             raise ValueError(
                 f"BlockKD: the student splits into {student_split.num_blocks} blocks, the "
@@ -480,21 +479,6 @@ class BlockKD(nn.Module):
             raise ValueError("BlockKD.forward: every loss term has weight 0")
         return BlockKDOutput(student_logits, teacher_logits, stone_logits, ensemble, losses,
                              weights, total)
-
-
-def _default_split(model: nn.Module) -> BlockSplit:
-    """split_model's automatic split, or the KD zoo's for its models."""
-    if isinstance(model, (KDResNet, WideResNet)):
-        return kd_zoo_split(model)
-    return split_model(model)
-
-
-def _check_split_of(split: BlockSplit, model: nn.Module, what: str) -> None:
-    """Raises ValueError unless every parameter of the split belongs to the model."""
-    own = {id(p) for p in model.parameters()}
-    foreign = [n for n, p in split.named_parameters() if id(p) not in own]
-    if foreign:
-        raise ValueError(f"BlockKD: {what} holds parameters not in its model: {foreign[:3]}")
 
 
 def _check_stone_input(i: int, n: int, student_shape: torch.Size, mapped_shape: torch.Size,

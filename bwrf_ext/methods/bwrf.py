@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bwrf_ext.blocks import BlockSplit, FrozenPartner, split_model
+from bwrf_ext.blocks import BlockSplit, FrozenPartner, check_split_of, split_model
 from bwrf_ext.losses import ce_and_kd
 
 __all__ = ["BWRF", "BWRFConfig", "BWRFOutput"]
@@ -172,8 +172,8 @@ class BWRF(nn.Module):
         self.lp_model = lp_model
         lp_split = lp_split or split_model(lp_model)
         fp_split = fp_split or split_model(fp_model)
-        _check_split_of(lp_split, lp_model, "lp_split")
-        _check_split_of(fp_split, fp_model, "fp_split")
+        check_split_of(lp_split, lp_model, "BWRF", "lp_split")
+        check_split_of(fp_split, fp_model, "BWRF", "fp_split")
         if lp_split.num_blocks != fp_split.num_blocks:
             raise ValueError(
                 f"BWRF: the LP model splits into {lp_split.num_blocks} blocks, the FP partner "
@@ -307,11 +307,3 @@ class BWRF(nn.Module):
         branches = self.partner.branches(entries, batched=self.config.batched)
         logits.update({f"mp{i}": branches[i] for i in sorted(branches)})
         return logits
-
-
-def _check_split_of(split: BlockSplit, model: nn.Module, what: str) -> None:
-    """Raises ValueError unless every parameter of the split belongs to the model."""
-    own = {id(p) for p in model.parameters()}
-    foreign = [n for n, p in split.named_parameters() if id(p) not in own]
-    if foreign:
-        raise ValueError(f"BWRF: {what} holds parameters not in its model: {foreign[:3]}")
