@@ -265,7 +265,8 @@ def _automatic_split(model: nn.Module) -> BlockSplit:
         )
     raise TypeError(
         f"split_model: no automatic split for {type(model).__name__} (supported: CIFAR ResNets, "
-        "torchvision ResNets, torchvision MobileNetV2); pass module names, e.g. "
+        "the KD zoo's ResNets and WRNs, torchvision ResNets and MobileNetV2); pass module "
+        "names, e.g. "
         "split_model(model, blocks=[['conv1', 'layer1'], ['layer2']], head=['fc'], "
         "example_input=torch.randn(2, 3, 32, 32))"
     )

@@ -117,9 +117,18 @@ def test_bwrf_run_reports_every_branch(fp_run, tmp_path):
     assert ckpt["quantized"] and ckpt["partner"] is not None
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(fp_run, tmp_path, monkeypatch):
-    args = ["--method", "bwrf", "--w-bits", "2", "--a-bits", "2", "--init-from", str(fp_run),
-            "--epochs", "3", "--seed", "3"]  # fmt: skip
+RESUMED_METHODS = {
+    "bwrf": ["--method", "bwrf", "--w-bits", "2", "--a-bits", "2", "--init-from"],
+    # A student with its own trained connectors, distilled from the FP run as teacher.
+    "blockkd": ["--method", "blockkd", "--w-bits", "3", "--a-bits", "3", "--teacher-from"],
+}
+
+
+@pytest.mark.parametrize("method", RESUMED_METHODS)
+def test_interrupted_then_resumed_equals_uninterrupted(method, fp_run, tmp_path, monkeypatch):
+    args = [*RESUMED_METHODS[method], str(fp_run), "--epochs", "3", "--seed", "3"]
+    if method == "blockkd":
+        args += ["--teacher-model", "small_cnn"]
     assert run_cli(args, tmp_path / "straight") == 0
 
     original = runner_module._Run._train_epoch
@@ -139,8 +148,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(fp_run, tmp_path, monkeyp
         return [{k: v for k, v in r.items() if k != "train_s"} for r in rows]
 
     assert strip_time(records(tmp_path / "cut")) == strip_time(records(tmp_path / "straight"))
-    straight = load_checkpoint(tmp_path / "straight")["model"]
-    resumed = load_checkpoint(tmp_path / "cut")["model"]
+    straight = load_checkpoint(tmp_path / "straight")["trainable"]
+    resumed = load_checkpoint(tmp_path / "cut")["trainable"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
@@ -261,6 +270,25 @@ def test_torchrun_bwrf(fp_run, tmp_path):
     row = records(tmp_path / "ddp_bwrf")[-1]
     assert row["acc_fp"] == pytest.approx(records(fp_run)[-1]["acc"], abs=1e-9)
     assert "acc_mp2" in row
+
+
+def test_blockkd_run_reports_stones_and_teacher(fp_run, tmp_path, capsys):
+    out = tmp_path / "blockkd"
+    args = ["--method", "blockkd", "--model", "mlp", "--teacher-model", "small_cnn",
+            "--teacher-from", str(fp_run), "--epochs", "1", "--kd", "dkd"]  # fmt: skip
+    assert main(["--method", "blockkd", "--out", str(out)]) == 2
+    assert "--method blockkd needs --teacher-from" in capsys.readouterr().err
+    assert run_cli(["--method", "blockkd", "--teacher-model", "small_cnn", "--teacher-from",
+                    str(fp_run), "--epochs", "1"], out) == 0  # fmt: skip
+    row = records(out)[-1]
+    assert {"acc", "acc_stone1", "acc_stone2", "acc_teacher", "train_stone1_kd"} <= set(row)
+    assert row["acc_teacher"] == pytest.approx(records(fp_run)[-1]["acc"], abs=1e-9)
+    ckpt = load_checkpoint(out)
+    assert any(k.startswith("connectors.") for k in ckpt["trainable"])
+    assert not any(k.startswith("connectors.") for k in ckpt["model"])
+    # A student of another architecture than the teacher (an MLP has no blocks to graft).
+    assert run_cli(args, tmp_path / "mlp") == 2
+    assert "mlp has no block split" in capsys.readouterr().err
 
 
 def test_contsup_run_logs_every_module(tmp_path):

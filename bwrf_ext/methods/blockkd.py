@@ -426,7 +426,6 @@ class BlockKD(nn.Module):
         if y is None:
             raise ValueError("BlockKD.forward: labels y are required in train mode")
         config = self.config
-        n = self.num_blocks
         # The teacher's full forward runs first, while no student activation is held yet, and
         # only its block shapes are kept: its transient memory never adds to the step's peak.
         teacher_outputs, teacher_logits = self.partner.block_outputs_and_logits(x)
@@ -434,20 +433,7 @@ class BlockKD(nn.Module):
         del teacher_outputs
         student_outputs = self.student_split.block_outputs(x)
         student_logits = self.student_split.head(student_outputs[-1])
-        entries = {}
-        for i in self.stone_weights:
-            mapped = self.connectors[str(i)](student_outputs[i - 1])
-            _check_stone_input(i, n, student_outputs[i - 1].shape, mapped.shape,
-                               teacher_shapes[i - 1])
-            entries[i] = mapped
-        # Entering the teacher at 0-based block i runs teacher blocks i+1..n (1-based); stone n
-        # enters at the head, which FrozenPartner.branches does not take as an entry.
-        stone_logits = self.partner.branches(
-            {i: e for i, e in entries.items() if i < n}, batched=config.batched
-        )
-        if n in entries:
-            stone_logits[n] = self.partner.run_head(entries[n])
-        stone_logits = {i: stone_logits[i] for i in self.stone_weights}
+        stone_logits = self._stones(student_outputs, teacher_shapes)
 
         ensemble = None
         if stone_logits:
@@ -479,6 +465,44 @@ class BlockKD(nn.Module):
             raise ValueError("BlockKD.forward: every loss term has weight 0")
         return BlockKDOutput(student_logits, teacher_logits, stone_logits, ensemble, losses,
                              weights, total)
+
+    def _stones(
+        self, student_outputs: list[torch.Tensor], teacher_shapes: list[torch.Size]
+    ) -> dict[int, torch.Tensor]:
+        """Logits of every stepping stone N_i from the student's block outputs h_1..h_n."""
+        config = self.config
+        n = self.num_blocks
+        entries = {}
+        for i in self.stone_weights:
+            mapped = self.connectors[str(i)](student_outputs[i - 1])
+            _check_stone_input(i, n, student_outputs[i - 1].shape, mapped.shape,
+                               teacher_shapes[i - 1])
+            entries[i] = mapped
+        # Entering the teacher at 0-based block i runs teacher blocks i+1..n (1-based); stone n
+        # enters at the head, which FrozenPartner.branches does not take as an entry.
+        stone_logits = self.partner.branches(
+            {i: e for i, e in entries.items() if i < n}, batched=config.batched
+        )
+        if n in entries:
+            stone_logits[n] = self.partner.run_head(entries[n])
+        return {i: stone_logits[i] for i in self.stone_weights}
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of the student, the teacher and every stone, without grad.
+
+        For tracking the stones during training; call ``.eval()`` first for test accuracy.
+
+        Returns:
+            "student", "teacher", "stone{i}": (B, C) each.
+        """
+        teacher_outputs, teacher_logits = self.partner.block_outputs_and_logits(x)
+        shapes = [o.shape for o in teacher_outputs]
+        del teacher_outputs
+        outputs = self.student_split.block_outputs(x)
+        logits = {"student": self.student_split.head(outputs[-1]), "teacher": teacher_logits}
+        logits.update({f"stone{i}": z for i, z in self._stones(outputs, shapes).items()})
+        return logits
 
 
 def _check_stone_input(i: int, n: int, student_shape: torch.Size, mapped_shape: torch.Size,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bwrf_ext.blocks import BlockSplit, split_model
+from bwrf_ext.models import kd_zoo
 from bwrf_ext.models.cifar_resnet import cifar_resnet
 from bwrf_ext.models.small import MLP, SMALL_CNN_SPLIT, SmallCNN, cifar_resnet18
 
@@ -39,11 +40,21 @@ def _cifar_resnet_entry(depth: int) -> ModelEntry:
     )
 
 
+def _kd_zoo_entry(name: str) -> ModelEntry:
+    def build(shape: ImageShape) -> nn.Module:
+        if shape.channels != 3:
+            raise ValueError(f"model {name} takes 3-channel images, the data has {shape.channels}")
+        return getattr(kd_zoo, name)(shape.num_classes)
+
+    return ModelEntry(build, description="as in the KD literature (CRD/DKD code), RGB input")
+
+
 MODELS: dict[str, ModelEntry] = {
     **{f"resnet{d}": _cifar_resnet_entry(d) for d in (20, 32, 44, 56, 110)},
     "cifar_resnet18": ModelEntry(
         lambda s: cifar_resnet18(s.num_classes, s.channels), description="ResNet-18, 3x3 stem"
     ),
+    **{name: _kd_zoo_entry(name) for name in ("resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_2")},
     "small_cnn": ModelEntry(
         lambda s: SmallCNN(s.num_classes, s.channels),
         split_names=SMALL_CNN_SPLIT,
@@ -92,7 +103,7 @@ def build_model(name: str, shape: ImageShape) -> nn.Module:
 
 
 def needs_rgb(name: str) -> bool:
-    """True for torchvision models, whose stems take 3 channels whatever the data has."""
+    """True for models whose stems take 3 channels whatever the data has (torchvision's)."""
     return name not in MODELS
 
 

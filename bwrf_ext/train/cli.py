@@ -93,10 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     opt.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm (multi-GPU only)")
-    bw = p.add_argument_group("BWRF and distillation")
+    bw = p.add_argument_group("BWRF and Block-KD")
     bw.add_argument("--alpha", type=float, default=1.0, help="KD weight")
-    bw.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
-    bw.add_argument("--branch-weights", default="uniform", choices=("uniform", "geometric"))
+    bw.add_argument(
+        "--temperature", type=float, default=None, help="KD temperature (BWRF 2, Block-KD 4)"
+    )
+    bw.add_argument(
+        "--branch-weights", default=None, choices=("uniform", "geometric"),
+        help="weights of BWRF's branches / Block-KD's stones (BWRF uniform, Block-KD geometric)",
+    )  # fmt: skip
+    bw.add_argument("--teacher-model", default="resnet56", help="Block-KD's teacher architecture")
+    bw.add_argument(
+        "--teacher-from", default=None,
+        help="Block-KD's teacher weights (formats as --init-from); required for blockkd",
+    )  # fmt: skip
+    bw.add_argument("--beta", type=float, default=1.0, help="Block-KD: weight of the stones")
+    bw.add_argument("--gamma", type=float, default=1.0, help="Block-KD: ensemble term weight")
+    bw.add_argument("--kd", default="kl", choices=("kl", "dkd"), help="Block-KD's KD loss")
     cs = p.add_argument_group("ContSup")
     cs.add_argument("--contsup-k", type=int, default=8, help="K gradient-isolated modules")
     cs.add_argument(
@@ -144,13 +157,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          f"{args.augment!r}")  # fmt: skip
     if args.model is None:
         args.model = DEFAULT_MODEL[args.dataset]
-    else:
-        from bwrf_ext.models.registry import model_names
+    from bwrf_ext.models.registry import model_names
 
-        if args.model not in model_names():
+    for option in ("model", "teacher_model"):
+        if getattr(args, option) not in model_names():
             raise UsageError(
-                f"--model {args.model!r} is unknown; ours: resnet20/32/44/56/110, "
-                "cifar_resnet18, small_cnn, mlp; or a torchvision classification model name"
+                f"--{option.replace('_', '-')} {getattr(args, option)!r} is unknown; ours: "
+                "resnet20/32/44/56/110, cifar_resnet18, resnet8x4/32x4, wrn_16_2/40_2, "
+                "small_cnn, mlp; or a torchvision classification model name"
             )
     given_bits = args.w_bits is not None or args.a_bits is not None
     if args.method == "fp" and given_bits:
@@ -170,6 +184,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"--first-last-bits must be 0 (full precision) or in [{lo}, {hi}], got "
                 f"{args.first_last_bits}"
             )
+    if args.method == "blockkd" and args.teacher_from is None and not args.resume:
+        raise UsageError("--method blockkd needs --teacher-from: the weights of the teacher")
+    if args.method != "blockkd" and args.teacher_from is not None:
+        raise UsageError("--teacher-from is Block-KD's teacher: use it with --method blockkd")
     if args.method == "bwrf" and args.init_from is None and not args.resume:
         raise UsageError("--method bwrf needs --init-from: the FP weights of the frozen partner")
     if args.dataset == "digits" and (args.data_dir is not None or args.download):

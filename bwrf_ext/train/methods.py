@@ -18,7 +18,7 @@ from torch import nn
 import bwrf_ext
 from bwrf_ext.blocks import BlockSplit
 
-METHODS = ("fp", "lsq", "bwrf", "contsup")
+METHODS = ("fp", "lsq", "bwrf", "blockkd", "contsup")
 
 
 @dataclass
@@ -73,6 +73,7 @@ def _cross_entropy(module: nn.Module, x: torch.Tensor, y: torch.Tensor):
 
 
 def _bwrf_loss(module: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """BWRF's and Block-KD's loss: both wrappers return the total and every term."""
     out = module(x, y)
     return out.loss, {k: v.detach() for k, v in out.losses.items()}
 
@@ -104,6 +105,27 @@ def bwrf_method(
 
     return Method(
         "bwrf", lp_model, wrapper, _bwrf_loss, evaluate, partner=fp_model, quantized=True
+    )
+
+
+def blockkd_method(
+    student: nn.Module, teacher: nn.Module, config: bwrf_ext.BlockKDConfig,
+    student_split: BlockSplit, teacher_split: BlockSplit, example_input: torch.Tensor,
+    quantized: bool,
+) -> Method:  # fmt: skip
+    """Block-KD: the student distilled from a frozen teacher through stepping stones."""
+    wrapper = bwrf_ext.BlockKD(
+        student, teacher, config, student_split=student_split, teacher_split=teacher_split,
+        example_input=example_input,
+    )  # fmt: skip
+
+    def evaluate(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = wrapper.evaluate(x)
+        logits["model"] = logits.pop("student")
+        return logits
+
+    return Method(
+        "blockkd", student, wrapper, _bwrf_loss, evaluate, partner=teacher, quantized=quantized
     )
 
 

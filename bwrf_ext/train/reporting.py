@@ -94,7 +94,7 @@ def plot_accuracy(
     for key in accuracy_keys(records[-1]) if records else []:
         values = [r.get(key, math.nan) for r in records]
         style = {"linewidth": 2.5} if key == "acc" else {"linewidth": 1.2}
-        if key.endswith("_fp"):
+        if key in ("acc_fp", "acc_teacher"):
             style["linestyle"] = "--"
         ax.plot(epochs, values, marker="o", markersize=3, label=labels.get(key, key), **style)
     ax.set_xlabel("epoch")

@@ -32,7 +32,13 @@ from bwrf_ext.train.checkpoint import (
     save_atomic,
 )
 from bwrf_ext.train.cli import RESUME_MAY_CHANGE, UsageError
-from bwrf_ext.train.methods import Method, bwrf_method, contsup_method, plain_method
+from bwrf_ext.train.methods import (
+    Method,
+    blockkd_method,
+    bwrf_method,
+    contsup_method,
+    plain_method,
+)
 from bwrf_ext.train.reporting import MetricsLog, plot_accuracy
 
 # Files a run writes in its directory; --overwrite removes exactly these.
@@ -131,18 +137,27 @@ class _Run:
         args = self.args
         torch.manual_seed(args.seed)  # the same initial weights on every rank and on resume
         model = build_model(args.model, data.shape)
+        # The frozen partner: BWRF's is the FP model itself, Block-KD's a teacher of its own.
+        teacher = build_model(args.teacher_model, data.shape) if args.method == "blockkd" else None
+        partner = teacher if teacher is not None else model
         ckpt = self.resumed
         if ckpt is not None:
             if ckpt.get("partner") is not None:
-                load_into(model, ckpt["partner"], "the checkpoint's partner")
-        elif args.init_from is not None:
-            state, info = fp_weights(args.init_from)
-            if info["model"] is not None and info["model"] != args.model:
-                raise UsageError(
-                    f"--init-from {args.init_from} holds a {info['model']}, --model is "
-                    f"{args.model}"
-                )
-            load_into(model, state, f"--init-from {args.init_from}")
+                load_into(partner, ckpt["partner"], "the checkpoint's partner")
+        else:
+            sources = (("init_from", model, args.model),
+                       ("teacher_from", teacher, args.teacher_model))  # fmt: skip
+            for option, target, name in sources:
+                path = getattr(args, option)
+                if path is None:
+                    continue
+                state, info = fp_weights(path)
+                if info["model"] is not None and info["model"] != name:
+                    raise UsageError(
+                        f"--{option.replace('_', '-')} {path} holds a {info['model']}, not "
+                        f"the {name} it is given for"
+                    )
+                load_into(target, state, f"--{option.replace('_', '-')} {path}")
         example = data.train[0][0].unsqueeze(0).repeat(2, 1, 1, 1)
         quantized = args.w_bits is not None
         net = model
@@ -155,12 +170,21 @@ class _Run:
         if args.method in ("fp", "lsq"):
             method = plain_method(args.method, net, quantized)
         elif args.method == "bwrf":
-            config = bwrf_ext.BWRFConfig(
-                alpha=args.alpha, temperature=args.temperature, branch_weights=args.branch_weights
-            )
+            config = bwrf_ext.BWRFConfig(alpha=args.alpha, **_given(
+                temperature=args.temperature, branch_weights=args.branch_weights
+            ))  # fmt: skip
             method = bwrf_method(
-                net, model, config, split_named_model(args.model, net, example),
-                split_named_model(args.model, model, example),
+                net, model, config, self._split(args.model, net, example),
+                self._split(args.model, model, example),
+            )  # fmt: skip
+        elif args.method == "blockkd":
+            config = bwrf_ext.BlockKDConfig(
+                alpha=args.alpha, beta=args.beta, gamma=args.gamma, kd=args.kd,
+                **_given(temperature=args.temperature, stone_weights=args.branch_weights),
+            )  # fmt: skip
+            method = blockkd_method(
+                net, teacher, config, self._split(args.model, net, example),
+                self._split(args.teacher_model, teacher, example), example, quantized,
             )  # fmt: skip
         else:
             config = bwrf_ext.ContSupConfig(
@@ -169,14 +193,24 @@ class _Run:
                 local_loss=args.contsup_loss, reconstruction=args.contsup_reconstruction,
                 image_mean=data.mean, image_std=data.std,
             )  # fmt: skip
-            split = split_named_model(args.model, net, example)
+            split = self._split(args.model, net, example)
             method = contsup_method(net, config, split, example, quantized)
         method.trainable.to(self.dist.device)
         if ckpt is not None:
-            load_into(method.model, ckpt["model"], "the checkpoint's model")
+            load_into(method.trainable, ckpt["trainable"], "the checkpoint's model")
         elif method.quantized:
             self._calibrate(method, data)
         return method
+
+    def _split(self, name: str, model: nn.Module, example: torch.Tensor):
+        try:
+            return split_named_model(name, model, example)
+        except TypeError:  # a model without an automatic split
+            raise UsageError(
+                f"--method {self.args.method} grafts blocks, but {name} has no block split "
+                "(CIFAR ResNets, resnet8x4/32x4, WRNs, cifar_resnet18, small_cnn, torchvision "
+                "ResNets and MobileNetV2 have one)"
+            ) from None
 
     @torch.no_grad()
     def _calibrate(self, method: Method, data: ImageData) -> None:
@@ -232,7 +266,7 @@ class _Run:
             f"{data.shape.width}, normalization {normalization})"
             + (f", W{args.w_bits}A{args.a_bits}" if method.quantized else "")
             + f", device {dist_state.device}, {dist_state.world_size} process(es)"
-            + (f", from {args.init_from} ({init_info})" if init_info else "")
+            + (f", from {init_info}" if init_info else "")
         )
         for note in data.notes:
             self.log(f"note: {note}")
@@ -327,12 +361,13 @@ class _Run:
         args = self.args
         if self.resumed is not None:
             return self.resumed["normalization"], ""
-        info = fp_weights(args.init_from)[1] if args.init_from else None
+        weights = args.init_from or args.teacher_from
+        info = fp_weights(weights)[1] if weights else None
         if args.normalization != "auto":
             chosen = args.normalization
         else:
             chosen = (info or {}).get("normalization") or "dataset"
-        note = f"{info['source']} weights" if info else ""
+        note = f"{weights} ({info['source']} weights)" if info else ""
         return chosen, note
 
     def _train_epoch(self, method, module, loader, optimizer, scheduler, autocast, epoch):
@@ -388,7 +423,7 @@ class _Run:
             seen += len(y)
         method.trainable.train()
         # The trained model first, then branches, then fixed references (the FP partner).
-        keys = sorted(correct, key=lambda k: (k != "model", k == "fp", k))
+        keys = sorted(correct, key=lambda k: (k != "model", k in ("fp", "teacher"), k))
         counts = self.dist.sum(torch.tensor([correct[k] for k in keys] + [seen], dtype=torch.int64))
         total = int(counts[-1])
         return {
@@ -406,6 +441,9 @@ class _Run:
             "data": {"name": data.name, "source": data.source, "mean": list(data.mean),
                      "std": list(data.std), "num_classes": data.shape.num_classes},  # fmt: skip
             "model": method.model.state_dict(),
+            # What resuming restores: the model plus any trained module of the method
+            # (Block-KD's connectors); the same tensors as "model" where there is none.
+            "trainable": method.trainable.state_dict(),
             "partner": None if method.partner is None else method.partner.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -413,6 +451,11 @@ class _Run:
             "history": list(records),
         }
         save_atomic(ckpt, self.out / "last.pt")
+
+
+def _given(**options: Any) -> dict[str, Any]:
+    """The options that were set (None: keep the method config's own default)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _stratified_subset(dataset, size: int, split: str):
