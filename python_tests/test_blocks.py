@@ -193,8 +193,23 @@ def test_partner_stays_frozen_and_in_eval():
 def test_branches_reject_a_missing_block():
     model = resnet20()
     partner = FrozenPartner(model, split_model(model))
-    with pytest.raises(ValueError, match=r"entry block must be in \[0, 2\], got 3"):
-        partner.branches({3: torch.randn(2, 64, 4, 4)})
+    with pytest.raises(ValueError, match=r"entry block must be in \[0, 3\], got 4"):
+        partner.branches({4: torch.randn(2, 64, 4, 4)})
+
+
+def test_a_branch_may_enter_at_the_head():
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    partner = FrozenPartner(model, split_model(model))
+    entries = {2: torch.randn(3, 32, 8, 8), 3: torch.randn(2, 64, 4, 4)}
+    with torch.no_grad():
+        batched = partner.branches(entries, batched=True)
+        naive = partner.branches(entries, batched=False)
+        head_only = partner.split.head(entries[3])
+        through_block_3 = partner.split.head(partner.split.blocks[2](entries[2]))
+    torch.testing.assert_close(batched[3], head_only)
+    torch.testing.assert_close(naive[3], head_only)
+    torch.testing.assert_close(batched[2], through_block_3)
 
 
 def _imported_modules(path: Path) -> set[str]:

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bwrf_ext.blocks import BlockSplit, FrozenPartner, check_split_of, split_model
+from bwrf_ext.blocks import (
+    BlockSplit,
+    FrozenPartner,
+    check_split_of,
+    forward_with_branches,
+    split_model,
+)
 from bwrf_ext.losses import dkd_loss, kd_loss
 
 __all__ = [
@@ -431,9 +437,11 @@ class BlockKD(nn.Module):
         teacher_outputs, teacher_logits = self.partner.block_outputs_and_logits(x)
         teacher_shapes = [o.shape for o in teacher_outputs]
         del teacher_outputs
-        student_outputs = self.student_split.block_outputs(x)
-        student_logits = self.student_split.head(student_outputs[-1])
-        stone_logits = self._stones(student_outputs, teacher_shapes)
+        _, student_logits, stone_logits = forward_with_branches(
+            self.student_split, x, self.partner,
+            lambda outputs: self._stone_entries(outputs, teacher_shapes),
+            max(self.stone_weights, default=0), config.batched,
+        )  # fmt: skip
 
         ensemble = None
         if stone_logits:
@@ -466,26 +474,17 @@ class BlockKD(nn.Module):
         return BlockKDOutput(student_logits, teacher_logits, stone_logits, ensemble, losses,
                              weights, total)
 
-    def _stones(
+    def _stone_entries(
         self, student_outputs: list[torch.Tensor], teacher_shapes: list[torch.Size]
     ) -> dict[int, torch.Tensor]:
-        """Logits of every stepping stone N_i from the student's block outputs h_1..h_n."""
-        config = self.config
-        n = self.num_blocks
+        """C_i(h_i) for every stone i: the input of teacher block i+1 (i = n: of its head)."""
         entries = {}
         for i in self.stone_weights:
             mapped = self.connectors[str(i)](student_outputs[i - 1])
-            _check_stone_input(i, n, student_outputs[i - 1].shape, mapped.shape,
-                               teacher_shapes[i - 1])
+            _check_stone_input(i, self.num_blocks, student_outputs[i - 1].shape, mapped.shape,
+                               teacher_shapes[i - 1])  # fmt: skip
             entries[i] = mapped
-        # Entering the teacher at 0-based block i runs teacher blocks i+1..n (1-based); stone n
-        # enters at the head, which FrozenPartner.branches does not take as an entry.
-        stone_logits = self.partner.branches(
-            {i: e for i, e in entries.items() if i < n}, batched=config.batched
-        )
-        if n in entries:
-            stone_logits[n] = self.partner.run_head(entries[n])
-        return {i: stone_logits[i] for i in self.stone_weights}
+        return entries
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -499,9 +498,12 @@ class BlockKD(nn.Module):
         teacher_outputs, teacher_logits = self.partner.block_outputs_and_logits(x)
         shapes = [o.shape for o in teacher_outputs]
         del teacher_outputs
-        outputs = self.student_split.block_outputs(x)
-        logits = {"student": self.student_split.head(outputs[-1]), "teacher": teacher_logits}
-        logits.update({f"stone{i}": z for i, z in self._stones(outputs, shapes).items()})
+        _, student_logits, stone_logits = forward_with_branches(
+            self.student_split, x, self.partner, lambda h: self._stone_entries(h, shapes),
+            max(self.stone_weights, default=0), self.config.batched,
+        )  # fmt: skip
+        logits = {"student": student_logits, "teacher": teacher_logits}
+        logits.update({f"stone{i}": stone_logits[i] for i in sorted(stone_logits)})
         return logits
 
 

@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bwrf_ext.blocks import BlockSplit, FrozenPartner, check_split_of, split_model
+from bwrf_ext.blocks import (
+    BlockSplit,
+    FrozenPartner,
+    check_split_of,
+    forward_with_branches,
+    split_model,
+)
 from bwrf_ext.losses import ce_and_kd
 
 __all__ = ["BWRF", "BWRFConfig", "BWRFOutput"]
@@ -238,32 +244,23 @@ class BWRF(nn.Module):
         fp_outputs, fp_logits = self.partner.block_outputs_and_logits(x)
         fp_shapes = [o.shape for o in fp_outputs]
         del fp_outputs
-        # The branches are built after LP block max(i) and before the LP blocks above it. The
-        # autograd engine runs later-recorded nodes first, so backward frees the saved
-        # activations of those upper LP blocks before the branches' backward runs, and the
-        # gradients the branches leave pending on h_i never stack on the whole LP backbone
-        # (the step's peak memory then stays that of LSQ's backward plus the lean branches).
-        split = self.lp_split
-        last_entry = max(self.branch_weights, default=0)
-        lp_outputs: list[torch.Tensor] = []
-        h = x
-        for j in range(last_entry):
-            h = split.run_block(j, h)
-            lp_outputs.append(h)
-        entries = {}
-        for i in self.branch_weights:
-            h_i = lp_outputs[i - 1]
-            if h_i.shape[1:] != fp_shapes[i - 1][1:]:
-                raise ValueError(
-                    f"BWRF: LP block {i} outputs {tuple(h_i.shape)}, FP block {i} "
-                    f"{tuple(fp_shapes[i - 1])}; branch {i} needs them to match"
-                )
-            entries[i] = h_i.detach() if config.detach_branch_inputs else h_i
+        def branch_entries(outputs: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+            entries = {}
+            for i in self.branch_weights:
+                h_i = outputs[i - 1]
+                if h_i.shape[1:] != fp_shapes[i - 1][1:]:
+                    raise ValueError(
+                        f"BWRF: LP block {i} outputs {tuple(h_i.shape)}, FP block {i} "
+                        f"{tuple(fp_shapes[i - 1])}; branch {i} needs them to match"
+                    )
+                entries[i] = h_i.detach() if config.detach_branch_inputs else h_i
+            return entries
+
         # Entering the partner at 0-based block i means running FP blocks i+1..N (1-based).
-        mp_logits = self.partner.branches(entries, batched=config.batched)
-        for j in range(last_entry, split.num_blocks):
-            h = split.run_block(j, h)
-        lp_logits = split.head(h)
+        _, lp_logits, mp_logits = forward_with_branches(
+            self.lp_split, x, self.partner, branch_entries,
+            max(self.branch_weights, default=0), config.batched,
+        )  # fmt: skip
 
         losses: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
@@ -301,9 +298,11 @@ class BWRF(nn.Module):
             "lp": the LP model, "fp": the FP partner, "mp{i}": each branch M^i; (B, C) each.
         """
         fp_logits = self.partner.block_outputs_and_logits(x)[1]
-        lp_outputs = self.lp_split.block_outputs(x)
-        logits = {"lp": self.lp_split.head(lp_outputs[-1]), "fp": fp_logits}
-        entries = {i: lp_outputs[i - 1] for i in self.branch_weights}
-        branches = self.partner.branches(entries, batched=self.config.batched)
+        _, lp_logits, branches = forward_with_branches(
+            self.lp_split, x, self.partner,
+            lambda outputs: {i: outputs[i - 1] for i in self.branch_weights},
+            max(self.branch_weights, default=0), self.config.batched,
+        )  # fmt: skip
+        logits = {"lp": lp_logits, "fp": fp_logits}
         logits.update({f"mp{i}": branches[i] for i in sorted(branches)})
         return logits
