@@ -53,11 +53,16 @@ def suites(qat_epochs: int) -> dict[str, dict]:
     }  # fmt: skip
 
 
-def run(name: str, suite: str, options: list[str], threads: int | None = None) -> dict:
+def run(
+    name: str, suite: str, options: list[str], threads: int | None = None, start: bool = True
+) -> dict | None:
+    """The run's summary: kept from an earlier call, else trained now (None: not started)."""
     out = RUNS / suite / name
     if (out / "summary.json").is_file():
         print(f"[{suite}/{name}] done before, kept")
         return json.loads((out / "summary.json").read_text())
+    if not start:
+        return None
     resume = ["--resume"] if (out / "last.pt").is_file() else []
     threads_option = ["--threads", str(threads)] if threads else []
     command = [sys.executable, "-m", "bwrf_ext.train", *options, "--out", str(out),
@@ -94,13 +99,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--suite", default="all", choices=("all", "cifar10", "fashion-mnist"))
     parser.add_argument("--epochs-qat", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="passed to bwrf-train")
+    parser.add_argument(
+        "--table-only", action="store_true", help="tabulate the finished runs, start no new one"
+    )
     args = parser.parse_args(argv)
     table = suites(args.epochs_qat)
     chosen = list(table) if args.suite == "all" else [args.suite]
     rows = []
     for suite in chosen:
         spec = table[suite]
-        fp = run("fp", suite, [*spec["data"], "--method", "fp", *spec["fp"]], args.threads)
+        start = not args.table_only
+        fp = run("fp", suite, [*spec["data"], "--method", "fp", *spec["fp"]], args.threads, start)
+        if fp is None:
+            continue
         keep_records(suite, "fp")
         rows.append((suite, "fp", fp))
         for w, a in BITS:
@@ -109,9 +120,11 @@ def main(argv: list[str] | None = None) -> None:
                 summary = run(name, suite, [
                     *spec["data"], "--method", method, "--w-bits", str(w), "--a-bits", str(a),
                     "--init-from", str(RUNS / suite / "fp"), *spec["qat"],
-                ], args.threads)  # fmt: skip
-                keep_records(suite, name)
-                rows.append((suite, name, summary))
+                ], args.threads, start)  # fmt: skip
+                if summary is not None:
+                    keep_records(suite, name)
+                    rows.append((suite, name, summary))
+    if rows:
         write_table(table, rows)
 
 
