@@ -1,6 +1,6 @@
 """`make demo`: bwrf-train on scikit-learn's digits: FP, then 2-bit LSQ and 2-bit BWRF from it.
 
-Needs no download (the digits ship inside scikit-learn) and takes about a minute on 2 idle CPU
+Needs no download (the digits ship inside scikit-learn) and takes about a minute on 2 CPU
 cores. It runs the training CLI three times (each run a directory under runs/demo/ with its
 checkpoint, metrics and plot), then prints a comparison table and writes
 runs/demo/comparison.png: the LP accuracy of LSQ and BWRF and BWRF's mixed-precision branches.
@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> None:
     info = bwrf_ext.build_info()
     print(f"bwrf_ext {bwrf_ext.__version__}: backend={info['backend']}, "
           f"cuda_kernels={info['cuda_kernels']}, torch {info['torch']}")  # fmt: skip
+    # One thread: these nets are too small to gain from two, and two-thread OpenMP stalls
+    # (an epoch of 1.2 s took 27 s) whenever another process holds one of the cores.
     common = ["--dataset", "digits", "--model", "small_cnn", "--batch-size", "64",
-              "--seed", str(args.seed), "--no-progress"]  # fmt: skip
+              "--seed", str(args.seed), "--no-progress", "--threads", "1"]  # fmt: skip
     runs = {"FP": args.out / "fp", "LSQ W2A2": args.out / "lsq_w2a2",
             "BWRF W2A2": args.out / "bwrf_w2a2"}  # fmt: skip
     summaries = {
