@@ -7,8 +7,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,23 +15,13 @@ import torch
 from torch.utils import benchmark as torch_benchmark
 
 import bwrf_ext
+from bwrf_ext._backend import describe_device
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 BUSY_SHARE = 0.05  # other processes' CPU share above which a table flags its timings
 
 
-def device_description(device: torch.device) -> tuple[str, str]:
-    """(file-name tag, human description) of the device, e.g. ("cpu-2core", "AMD EPYC")."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(s.split(":", 1)[1].strip() for s in f if s.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"cpu-{len(os.sched_getaffinity(0))}core", model
+device_description = describe_device  # one description of a device, in the package
 
 
 def cpu_clocks() -> tuple[float, float, float | None]:

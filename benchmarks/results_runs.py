@@ -24,7 +24,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks.report import RESULTS_DIR, device_description  # noqa: E402
+from benchmarks.report import RESULTS_DIR  # noqa: E402
+from bwrf_ext._backend import describe_device  # noqa: E402
 from bwrf_ext.models.pretrained import akamaster_weights_path, default_shared_dir  # noqa: E402
 
 RUNS = Path("runs/results")
@@ -79,8 +80,18 @@ def keep_records(suite: str, name: str) -> None:
         shutil.copy2(source / file, target / file)
 
 
+def machine(summary: dict) -> str:
+    """The summary's device; runs made before bwrf-train named the CPU model said only
+    "cpu (<arch>, N threads)": they ran here, so this machine's description stands in."""
+    device = summary["device"]
+    if device.startswith("cpu ("):
+        tag, description = describe_device(torch.device("cpu"))
+        return f"{description} ({tag}, {device.split(', ')[-1].rstrip(')')})"
+    return device
+
+
 def command_line(summary: dict) -> str:
-    """The run's options as a bwrf-train command (what a reader reruns)."""
+    """The run's options as a bwrf-train command (what a reader reruns), ../shared relative."""
     args = summary["args"]
     parts = ["bwrf-train", "--method", args["method"], "--model", args["model"],
              "--dataset", args["dataset"]]  # fmt: skip
@@ -91,7 +102,7 @@ def command_line(summary: dict) -> str:
     if args.get("init_from"):
         parts += ["--init-from", args["init_from"]]
     parts += ["--epochs", str(args["epochs"]), "--lr", str(args["lr"])]
-    return " ".join(parts)
+    return " ".join(parts).replace(str(default_shared_dir()), "../shared")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,8 +139,39 @@ def main(argv: list[str] | None = None) -> None:
         write_table(table, rows)
 
 
+def plot_suite(suite: str, label: str, runs: list[tuple[str, dict]], path: Path) -> None:
+    """Final test accuracy against bits: LSQ and BWRF (and BWRF's best branch), FP dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for name, summary in runs:
+        if name == "fp":
+            ax.axhline(summary["final"]["acc"], color="gray", linestyle="--", label="FP")
+    for method, marker in (("lsq", "o"), ("bwrf", "s")):
+        points = sorted(
+            (s["w_bits"], s["final"]) for n, s in runs if n.startswith(method + "_")
+        )
+        if points:
+            ax.plot([b for b, _ in points], [f["acc"] for _, f in points], marker=marker,
+                    label=method.upper())  # fmt: skip
+        if method == "bwrf" and points:
+            best = [max(v for k, v in f.items() if k.startswith("acc_mp")) for _, f in points]
+            ax.plot([b for b, _ in points], best, marker="^", linestyle=":", alpha=0.7,
+                    label="BWRF best MP branch")  # fmt: skip
+    ax.set(xlabel="bits (W = A)", ylabel="test accuracy (%)", title=label)
+    ax.set_xticks([2, 3, 4])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_table(table: dict, rows: list[tuple[str, str, dict]]) -> None:
-    device = device_description(torch.device("cuda" if torch.cuda.is_available() else "cpu"))[0]
+    device = describe_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))[0]
     lines = [
         "# Results: FP, then LSQ and BWRF from the same FP model, same budget",
         "",
@@ -148,13 +190,17 @@ def write_table(table: dict, rows: list[tuple[str, str, dict]]) -> None:
         lines.append(
             f"| {table[suite]['label']} | {s['model']} | {bits} | {s['method'].upper()} | "
             f"{s['epochs']} | {final['acc']:.2f} % | {best} | {s['wall_s'] / 60:.1f} min | "
-            f"{s['device']} |"
+            f"{machine(s)} |"
         )
     suites_run = sorted({suite for suite, _, _ in rows})
     notes = "; ".join(f"{table[k]['label']}: {table[k]['fp_note']}" for k in suites_run)
     lines += ["", f"FP rows: {notes}.", "", "Commands:", ""]
     lines += [f"- `{command_line(s)}`" for _, _, s in rows]
     stem = RESULTS_DIR / f"results_table_{'_'.join(suites_run)}_{device}"
+    for suite in suites_run:
+        plot_suite(suite, table[suite]["label"], [(n, s) for k, n, s in rows if k == suite],
+                   RESULTS_DIR / f"results_{suite}_{device}.png")  # fmt: skip
+        lines += ["", f"![{suite}](results_{suite}_{device}.png)"]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     stem.with_suffix(".json").write_text(json.dumps(
         [{"suite": suite, "run": name, "command": command_line(s), **s} for suite, name, s in rows],

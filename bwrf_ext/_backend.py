@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import platform
+import re
 import warnings
 
 import torch
@@ -59,3 +61,17 @@ def build_info() -> dict:
     if compiled is not None:
         info.update(compiled.build_info())
     return info
+
+
+def describe_device(device: torch.device) -> tuple[str, str]:
+    """(file-name tag, human description) of the device, e.g. ("cpu-2core", "AMD EPYC")."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(s.split(":", 1)[1].strip() for s in f if s.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu-{len(os.sched_getaffinity(0))}core", model

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import math
-import platform
 import shutil
 import sys
 import time
@@ -21,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 import bwrf_ext
+from bwrf_ext._backend import describe_device
 from bwrf_ext.data import ImageData, InMemoryImages, load_image_data
 from bwrf_ext.models.registry import build_model, needs_rgb, split_named_model
 from bwrf_ext.train import distributed
@@ -485,6 +485,6 @@ def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    tag, description = describe_device(device)
+    threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
+    return f"{description} ({tag}{threads})"
