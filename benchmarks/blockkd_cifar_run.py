@@ -34,10 +34,9 @@ if __package__ in (None, ""):  # run as a script: `benchmarks` (and an uninstall
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import bwrf_ext  # noqa: E402
-from benchmarks.bwrf_cifar_run import JPEG_NPZ, accuracy, augment, decode_split  # noqa: E402
+from benchmarks.bwrf_cifar_run import JPEG_NPZ, accuracy, decode_split, train_loop  # noqa: E402
 from benchmarks.report import RESULTS_DIR, device_description  # noqa: E402
 from bwrf_ext.methods.blockkd import BlockKD, BlockKDConfig  # noqa: E402
 from bwrf_ext.models import pretrained_cifar_resnet  # noqa: E402
@@ -59,35 +58,8 @@ def train_method(method: str, student_fp, teacher, train, test, epochs: int, bat
         config = BlockKDConfig(stones=() if method == "kd" else None)
         wrapper = BlockKD(student, teacher, config)
         params = list(wrapper.parameters())
-    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
-    steps = epochs * (len(train[1]) // batch)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    generator = torch.Generator().manual_seed(seed)  # same batches and crops for every method
-    curve, losses, train_seconds = [], [], 0.0
-    for epoch in range(epochs):
-        (wrapper or student).train()
-        order = torch.randperm(len(train[1]), generator=generator)
-        start = time.perf_counter()
-        running = []
-        for b in range(len(order) // batch):
-            idx = order[b * batch : (b + 1) * batch]
-            x, y = augment(train[0][idx], generator), train[1][idx]
-            loss = F.cross_entropy(student(x), y) if wrapper is None else wrapper(x, y).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            running.append(loss.item())
-        train_seconds += time.perf_counter() - start
-        curve.append(accuracy(student, *test))
-        losses.append(float(np.mean(running)))
-        print(
-            f"{method:>7} epoch {epoch + 1}/{epochs}: train loss {losses[-1]:.3f}, "
-            f"test acc {curve[-1]:.2f} %, {train_seconds:.0f} s training so far",
-            flush=True,
-        )
-    return {"test_acc": curve, "train_loss": losses, "train_seconds": train_seconds,
-            "trained_parameters": sum(p.numel() for p in params)}
+    result = train_loop(method, student, wrapper, params, train, test, epochs, batch, seed)
+    return {**result, "trained_parameters": sum(p.numel() for p in params)}
 
 
 def main(argv: list[str] | None = None) -> None:

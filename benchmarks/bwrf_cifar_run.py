@@ -89,30 +89,42 @@ def train_method(method: str, fp, train, test, epochs: int, batch: int, seed: in
         config = bwrf_ext.BWRFConfig(branches=() if method == "lsq_kd" else None)
         wrapper = bwrf_ext.BWRF(lp, fp, config)
         params = wrapper.parameters()
+    return train_loop(method, lp, wrapper, params, train, test, epochs, batch, seed)
+
+
+def train_loop(
+    label: str, model, wrapper, params, train, test, epochs: int, batch: int, seed: int
+) -> dict:
+    """SGD + cosine over fixed seeded batches: CE of ``model`` alone, or ``wrapper(x, y).loss``.
+
+    Shared by the real-data comparison scripts so that every method sees the same batches and
+    crops. Returns the per-epoch test accuracy of ``model``, mean train loss and train time.
+    """
+    params = list(params)
     optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
     steps = epochs * (len(train[1]) // batch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     generator = torch.Generator().manual_seed(seed)  # same batches and crops for every method
     curve, losses, train_seconds = [], [], 0.0
     for epoch in range(epochs):
-        (wrapper or lp).train()
+        (wrapper or model).train()
         order = torch.randperm(len(train[1]), generator=generator)
         start = time.perf_counter()
         running = []
         for b in range(len(order) // batch):
             idx = order[b * batch : (b + 1) * batch]
             x, y = augment(train[0][idx], generator), train[1][idx]
-            loss = F.cross_entropy(lp(x), y) if wrapper is None else wrapper(x, y).loss
+            loss = F.cross_entropy(model(x), y) if wrapper is None else wrapper(x, y).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             running.append(loss.item())
         train_seconds += time.perf_counter() - start
-        curve.append(accuracy(lp, *test))
+        curve.append(accuracy(model, *test))
         losses.append(float(np.mean(running)))
         print(
-            f"{method:>7} epoch {epoch + 1}/{epochs}: train loss {losses[-1]:.3f}, "
+            f"{label:>7} epoch {epoch + 1}/{epochs}: train loss {losses[-1]:.3f}, "
             f"test acc {curve[-1]:.2f} %, {train_seconds:.0f} s training so far",
             flush=True,
         )
