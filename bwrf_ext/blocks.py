@@ -206,6 +206,31 @@ def _names_of(split: BlockSplit, label: str) -> list[str] | str:
     return blocks[int(label.split()[1]) - 1]
 
 
+def check_separate(
+    trained: nn.Module, frozen: nn.Module, who: str, names: tuple[str, str], hint: str
+) -> None:
+    """Raises ValueError if the trained model is, or shares parameters with, the frozen one.
+
+    Freezing the partner in place would otherwise freeze (or train) the other model too.
+
+    Args:
+        who: the caller for the message, e.g. "BWRF".
+        names: the two arguments' names, trained first.
+        hint: how to fix it, appended to the message.
+    """
+    trained_name, frozen_name = names
+    if trained is frozen:
+        raise ValueError(
+            f"{who}: {trained_name} and {frozen_name} must be two models, got the same one"
+        )
+    frozen_params = {id(p) for p in frozen.parameters()}
+    shared = [n for n, p in trained.named_parameters() if id(p) in frozen_params]
+    if shared:
+        raise ValueError(
+            f"{who}: {trained_name} shares parameters with {frozen_name} ({shared[:3]}...); {hint}"
+        )
+
+
 def check_split_of(split: BlockSplit, model: nn.Module, who: str, what: str) -> None:
     """Raises ValueError unless every parameter of ``split`` belongs to ``model``.
 

@@ -14,6 +14,7 @@ from torch import nn
 from bwrf_ext.blocks import (
     BlockSplit,
     FrozenPartner,
+    check_separate,
     check_split_of,
     forward_with_branches,
     split_model,
@@ -301,15 +302,7 @@ class BlockKD(nn.Module):
         example_input: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if student is teacher:
-            raise ValueError("BlockKD: student and teacher must be two models, got the same one")
-        teacher_params = {id(p) for p in teacher.parameters()}
-        shared = [n for n, p in student.named_parameters() if id(p) in teacher_params]
-        if shared:
-            raise ValueError(
-                f"BlockKD: the student shares parameters with the teacher ({shared[:3]}...); "
-                "train a copy"
-            )
+        check_separate(student, teacher, "BlockKD", ("student", "teacher"), "train a copy")
         self.config = config or BlockKDConfig()
         self.student = student
         student_split = student_split or split_model(student)

@@ -13,6 +13,7 @@ from torch import nn
 from bwrf_ext.blocks import (
     BlockSplit,
     FrozenPartner,
+    check_separate,
     check_split_of,
     forward_with_branches,
     split_model,
@@ -165,15 +166,10 @@ class BWRF(nn.Module):
         fp_split: BlockSplit | None = None,
     ) -> None:
         super().__init__()
-        if lp_model is fp_model:
-            raise ValueError("BWRF: lp_model and fp_model must be two models, got the same one")
-        fp_params = {id(p) for p in fp_model.parameters()}
-        shared = [n for n, p in lp_model.named_parameters() if id(p) in fp_params]
-        if shared:
-            raise ValueError(
-                f"BWRF: lp_model shares parameters with fp_model ({shared[:3]}...); quantize a "
-                "copy (quantize_model(fp_model, ..., inplace=False))"
-            )
+        check_separate(
+            lp_model, fp_model, "BWRF", ("lp_model", "fp_model"),
+            "quantize a copy (quantize_model(fp_model, ..., inplace=False))",
+        )  # fmt: skip
         self.config = config or BWRFConfig()
         self.lp_model = lp_model
         lp_split = lp_split or split_model(lp_model)
