@@ -206,6 +206,49 @@ def _names_of(split: BlockSplit, label: str) -> list[str] | str:
     return blocks[int(label.split()[1]) - 1]
 
 
+def resolve_branch_weights(
+    selected: Sequence[int] | None,
+    weights: str | Sequence[float],
+    num_blocks: int,
+    last: int,
+    who: str,
+    noun: tuple[str, str],
+) -> dict[int, float]:
+    """Branch index i -> its loss weight, for BWRF's branches and Block-KD's stepping stones.
+
+    Args:
+        selected: the branch indices to build (None: 1..N-1).
+        weights: "uniform" (1 each), "geometric" (2^-(N-i): the branch with the most trained
+            blocks weighs most) or one float per selected branch, in increasing index.
+        num_blocks: N.
+        last: the highest valid index (N-1 for BWRF, N for Block-KD's head stone).
+        who: the config's name for messages; noun: (singular, plural), e.g. ("stone", "stones").
+
+    Returns:
+        {i: w_i} in increasing i.
+    """
+    one, many = noun
+    chosen = selected if selected is not None else tuple(range(1, num_blocks))
+    for i in chosen:
+        if not 1 <= i <= last:
+            raise ValueError(
+                f"{who}: {one} {i} does not exist; with {num_blocks} blocks the {many} are "
+                f"1..{last}"
+            )
+    chosen = tuple(sorted(chosen))
+    if weights == "uniform":
+        values: Sequence[float] = [1.0] * len(chosen)
+    elif weights == "geometric":
+        values = [2.0 ** -(num_blocks - i) for i in chosen]
+    else:
+        values = weights
+        if len(values) != len(chosen):
+            raise ValueError(
+                f"{who}: {len(values)} {one}_weights for {len(chosen)} {many} {chosen}"
+            )
+    return dict(zip(chosen, values, strict=True))
+
+
 def check_separate(
     trained: nn.Module, frozen: nn.Module, who: str, names: tuple[str, str], hint: str
 ) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,6 +17,7 @@ from bwrf_ext.blocks import (
     check_separate,
     check_split_of,
     forward_with_branches,
+    resolve_branch_weights,
     split_model,
 )
 from bwrf_ext.losses import dkd_loss, kd_loss
@@ -124,26 +125,10 @@ class BlockKDConfig:
 
     def resolve(self, num_blocks: int) -> dict[int, float]:
         """Stone index i -> w_i (before beta), in increasing i, for a split into num_blocks."""
-        stones = self.stones if self.stones is not None else tuple(range(1, num_blocks))
-        for i in stones:
-            if not 1 <= i <= num_blocks:
-                raise ValueError(
-                    f"BlockKDConfig: stone {i} does not exist; with {num_blocks} blocks the "
-                    f"stones are 1..{num_blocks}"
-                )
-        stones = tuple(sorted(stones))
-        if self.stone_weights == "geometric":
-            weights: Sequence[float] = [2.0 ** -(num_blocks - i) for i in stones]
-        elif self.stone_weights == "uniform":
-            weights = [1.0] * len(stones)
-        else:
-            weights = self.stone_weights
-            if len(weights) != len(stones):
-                raise ValueError(
-                    f"BlockKDConfig: {len(weights)} stone_weights for {len(stones)} stones "
-                    f"{stones}"
-                )
-        return dict(zip(stones, weights, strict=True))
+        return resolve_branch_weights(
+            self.stones, self.stone_weights, num_blocks, num_blocks, "BlockKDConfig",
+            ("stone", "stones"),
+        )  # fmt: skip
 
     def kd_term(
         self, logits: torch.Tensor, target_logits: torch.Tensor, labels: torch.Tensor

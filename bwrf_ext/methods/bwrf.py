@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,6 +16,7 @@ from bwrf_ext.blocks import (
     check_separate,
     check_split_of,
     forward_with_branches,
+    resolve_branch_weights,
     split_model,
 )
 from bwrf_ext.losses import ce_and_kd
@@ -78,26 +79,10 @@ class BWRFConfig:
 
     def resolve(self, num_blocks: int) -> dict[int, float]:
         """Branch index i -> weight w_i, for a split into num_blocks blocks."""
-        branches = self.branches if self.branches is not None else tuple(range(1, num_blocks))
-        for i in branches:
-            if not 1 <= i <= num_blocks - 1:
-                raise ValueError(
-                    f"BWRFConfig: branch {i} does not exist; with {num_blocks} blocks the "
-                    f"branches are 1..{num_blocks - 1}"
-                )
-        branches = tuple(sorted(branches))
-        if self.branch_weights == "uniform":
-            weights: Sequence[float] = [1.0] * len(branches)
-        elif self.branch_weights == "geometric":
-            weights = [2.0 ** -(num_blocks - i) for i in branches]
-        else:
-            weights = self.branch_weights
-            if len(weights) != len(branches):
-                raise ValueError(
-                    f"BWRFConfig: {len(weights)} branch_weights for {len(branches)} branches "
-                    f"{branches}"
-                )
-        return dict(zip(branches, weights, strict=True))
+        return resolve_branch_weights(
+            self.branches, self.branch_weights, num_blocks, num_blocks - 1, "BWRFConfig",
+            ("branch", "branches"),
+        )  # fmt: skip
 
 
 @dataclass
