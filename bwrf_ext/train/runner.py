@@ -78,6 +78,7 @@ class _Run:
         if self.args.sync_bn and not (dist_state.enabled and dist_state.device.type == "cuda"):
             raise UsageError("--sync-bn needs multi-process CUDA training (torchrun on GPUs)")
         self.log_path = self.out / "log.txt"
+        self._weights: dict[str, tuple[dict, dict]] = {}  # --init-from/--teacher-from, read once
 
     # ----------------------------------------------------------------------------- set-up
     def _prepare_out_dir(self, args: argparse.Namespace) -> dict | None:
@@ -151,7 +152,7 @@ class _Run:
                 path = getattr(args, option)
                 if path is None:
                     continue
-                state, info = fp_weights(path)
+                state, info = self._fp_weights(path)
                 if info["model"] is not None and info["model"] != name:
                     raise UsageError(
                         f"--{option.replace('_', '-')} {path} holds a {info['model']}, not "
@@ -196,11 +197,17 @@ class _Run:
             split = self._split(args.model, net, example)
             method = contsup_method(net, config, split, example, quantized)
         method.trainable.to(self.dist.device)
+        self._weights.clear()  # loaded into the models: no second copy for the whole run
         if ckpt is not None:
             load_into(method.trainable, ckpt["trainable"], "the checkpoint's model")
         elif method.quantized:
             self._calibrate(method, data)
         return method
+
+    def _fp_weights(self, path: str) -> tuple[dict, dict]:
+        if path not in self._weights:
+            self._weights[path] = fp_weights(path)
+        return self._weights[path]
 
     def _split(self, name: str, model: nn.Module, example: torch.Tensor):
         try:
@@ -362,7 +369,7 @@ class _Run:
         if self.resumed is not None:
             return self.resumed["normalization"], ""
         weights = args.init_from or args.teacher_from
-        info = fp_weights(weights)[1] if weights else None
+        info = self._fp_weights(weights)[1] if weights else None
         if args.normalization != "auto":
             chosen = args.normalization
         else:
