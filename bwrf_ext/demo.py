@@ -28,7 +28,9 @@ def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def plot_comparison(runs: dict[str, Path], path: Path) -> None:
+def plot_comparison(
+    runs: dict[str, Path], path: Path, title: str = "digits: 2-bit from the FP model"
+) -> None:
     """LSQ's and BWRF's LP accuracy per epoch, BWRF's MP branches thin, the FP model dashed."""
     import matplotlib
 
@@ -46,7 +48,7 @@ def plot_comparison(runs: dict[str, Path], path: Path) -> None:
             for key in sorted(k for k in rows[-1] if k.startswith("acc_mp")):
                 ax.plot(epochs, [r[key] for r in rows], lw=1, alpha=0.8,
                         label=f"BWRF branch M{key.removeprefix('acc_mp')}")  # fmt: skip
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="digits: 2-bit from the FP model")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
