@@ -589,3 +589,29 @@ def forward_with_branches(
         h = split.run_block(j, h)
         outputs.append(h)
     return outputs, split.head(h), branch_outputs
+
+
+class PartneredModule(nn.Module):
+    """Base of the wrappers that train one split beside a FrozenPartner (BWRF, Block-KD).
+
+    Both hold the trained split and the partner outside the module tree (so neither
+    duplicates state_dict keys nor reaches the optimizer); this keeps the partner in eval mode
+    through ``.train()`` and lets ``.to()``/``.cuda()``/``.half()`` reach both. Subclasses
+    name their split's attribute in ``trained_split_attr``.
+    """
+
+    trained_split_attr: str
+
+    def train(self, mode: bool = True):
+        """Sets the trained model's mode; the frozen partner stays in eval mode."""
+        super().train(mode)
+        getattr(self, self.trained_split_attr).train(mode)
+        self.partner.ensure_frozen()
+        return self
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda()/.half() reach the unregistered partner and the split's own glue modules.
+        super()._apply(fn, recurse)
+        self.partner._apply(fn)
+        getattr(self, self.trained_split_attr)._apply(fn, recurse)
+        return self

@@ -14,6 +14,7 @@ from torch import nn
 from bwrf_ext.blocks import (
     BlockSplit,
     FrozenPartner,
+    PartneredModule,
     check_separate,
     check_split_of,
     forward_with_branches,
@@ -226,7 +227,7 @@ def conv_bn_connector(
     return ConvBNConnector(student_shape[1], teacher_shape[1], ratio)
 
 
-class BlockKD(nn.Module):
+class BlockKD(PartneredModule):
     """Block-wise logit distillation: a student trained through stepping stones into a teacher.
 
     Student and teacher may differ in architecture; both split into the same number n of
@@ -274,6 +275,8 @@ class BlockKD(nn.Module):
             a connector whose output does not match the teacher's block output (naming the
             block and both shapes).
     """
+
+    trained_split_attr = "student_split"
 
     def __init__(
         self,
@@ -330,20 +333,6 @@ class BlockKD(nn.Module):
     def student_parameters(self) -> Iterator[nn.Parameter]:
         """The student's parameters (``parameters()`` adds the connectors')."""
         return self.student.parameters()
-
-    def train(self, mode: bool = True) -> BlockKD:
-        """Sets the student's and the connectors' mode; the teacher stays in eval mode."""
-        super().train(mode)
-        self.student_split.train(mode)
-        self.partner.ensure_frozen()
-        return self
-
-    def _apply(self, fn, recurse: bool = True):
-        # .to()/.cuda()/.half() reach the unregistered teacher and the split's own glue modules.
-        super()._apply(fn, recurse)
-        self.partner._apply(fn)
-        self.student_split._apply(fn, recurse)
-        return self
 
     def _build_connectors(
         self,

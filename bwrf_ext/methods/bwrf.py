@@ -13,6 +13,7 @@ from torch import nn
 from bwrf_ext.blocks import (
     BlockSplit,
     FrozenPartner,
+    PartneredModule,
     check_separate,
     check_split_of,
     forward_with_branches,
@@ -108,7 +109,7 @@ class BWRFOutput:
     loss: torch.Tensor | None = None
 
 
-class BWRF(nn.Module):
+class BWRF(PartneredModule):
     """Block-wise replacement framework for QAT: an LP model trained with a frozen FP partner.
 
     Works with any LP model that splits into the same blocks as its FP partner, however it was
@@ -140,6 +141,8 @@ class BWRF(nn.Module):
         lp_split, fp_split: explicit splits (from :func:`bwrf_ext.blocks.split_model` with
             module names) for models without an automatic one.
     """
+
+    trained_split_attr = "lp_split"
 
     def __init__(
         self,
@@ -185,20 +188,6 @@ class BWRF(nn.Module):
     def lp_parameters(self) -> Iterator[nn.Parameter]:
         """The LP model's parameters (the same as ``parameters()``), for the optimizer."""
         return self.lp_model.parameters()
-
-    def train(self, mode: bool = True) -> BWRF:
-        """Sets the LP model's mode; the FP partner stays in eval mode."""
-        super().train(mode)
-        self.lp_split.train(mode)
-        self.partner.ensure_frozen()
-        return self
-
-    def _apply(self, fn, recurse: bool = True):
-        # .to()/.cuda()/.half() reach the unregistered partner and the split's own glue modules.
-        super()._apply(fn, recurse)
-        self.partner._apply(fn)
-        self.lp_split._apply(fn, recurse)
-        return self
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> BWRFOutput:
         """One BWRF forward.
