@@ -1,6 +1,7 @@
 """The README's results table: FP, then LSQ and BWRF at W4A4/W3A3/W2A2 from it, same budget.
 
-Usage: ``python benchmarks/results_runs.py [--suite cifar10|fashion-mnist|all] [--epochs-qat N]``.
+Usage: ``python benchmarks/results_runs.py [--suite cifar10|fashion-mnist|all] [--epochs-qat N]
+[--seeds 0 1 2]``.
 
 Runs ``bwrf-train`` once per row (each run in ``runs/results/<suite>/<name>``; a finished run
 is skipped, an interrupted one resumed, so the script can be restarted), then copies each run's
@@ -8,13 +9,19 @@ raw records (metrics.jsonl, summary.json, log.txt, accuracy.png) to
 ``benchmarks/results/runs/<suite>/<name>/`` and writes the table to
 ``benchmarks/results/results_table_<device>.md`` and ``.json``. Every command it runs is
 printed and kept in the table's JSON.
+
+Every seed starts from the same FP model (trained once, seed 0); a seed changes the QAT run's
+data order, augmentation and initialisation of what it adds. The table gives the mean and
+sample standard deviation over the seeds, each seed's accuracy beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +118,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs-qat", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="passed to bwrf-train")
     parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="QAT seeds; seed 0's runs are <method>_w<b>a<b>, others add _seed<s>",
+    )
+    parser.add_argument(
         "--table-only", action="store_true", help="tabulate the finished runs, start no new one"
     )
     args = parser.parse_args(argv)
@@ -125,12 +139,12 @@ def main(argv: list[str] | None = None) -> None:
             continue
         keep_records(suite, "fp")
         rows.append((suite, "fp", fp))
-        for w, a in BITS:
-            for method in ("lsq", "bwrf"):
-                name = f"{method}_w{w}a{a}"
+        for seed in args.seeds:
+            for (w, a), method in itertools.product(BITS, ("lsq", "bwrf")):
+                name = f"{method}_w{w}a{a}" + (f"_seed{seed}" if seed else "")
                 summary = run(name, suite, [
                     *spec["data"], "--method", method, "--w-bits", str(w), "--a-bits", str(a),
-                    "--init-from", str(RUNS / suite / "fp"), *spec["qat"],
+                    "--init-from", str(RUNS / suite / "fp"), *spec["qat"], "--seed", str(seed),
                 ], args.threads, start)  # fmt: skip
                 if summary is not None:
                     keep_records(suite, name)
@@ -139,28 +153,62 @@ def main(argv: list[str] | None = None) -> None:
         write_table(table, rows)
 
 
-def plot_suite(suite: str, label: str, runs: list[tuple[str, dict]], path: Path) -> None:
-    """Final test accuracy against bits: LSQ and BWRF (and BWRF's best branch), FP dashed."""
+def seed_groups(rows: list[tuple[str, str, dict]]) -> dict[tuple, list[dict]]:
+    """The runs grouped by (suite, method, w_bits, a_bits), each group's summaries by seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for suite, _, s in rows:
+        key = (suite, s["method"], s.get("w_bits"), s.get("a_bits"))
+        groups.setdefault(key, []).append(s)
+    for summaries in groups.values():
+        summaries.sort(key=lambda s: s["args"]["seed"])
+    return groups
+
+
+def best_branch(final: dict) -> float | None:
+    branches = [v for k, v in final.items() if k.startswith("acc_mp")]
+    return max(branches) if branches else None
+
+
+def mean_sd(values: list[float], sign: str = "") -> str:
+    """The mean ± the sample standard deviation (the value alone for one seed)."""
+    mean = f"{statistics.mean(values):{sign}.2f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.2f}"
+
+
+def plot_suite(label: str, groups: dict[tuple, list[dict]], path: Path) -> None:
+    """Test accuracy against bits: LSQ and BWRF (and BWRF's best branch), FP dashed; the
+    markers are the seeds' mean, the bars their standard deviation, dots each seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.6, 3.8))
-    for name, summary in runs:
-        if name == "fp":
-            ax.axhline(summary["final"]["acc"], color="gray", linestyle="--", label="FP")
-    for method, marker in (("lsq", "o"), ("bwrf", "s")):
-        points = sorted(
-            (s["w_bits"], s["final"]) for n, s in runs if n.startswith(method + "_")
-        )
-        if points:
-            ax.plot([b for b, _ in points], [f["acc"] for _, f in points], marker=marker,
-                    label=method.upper())  # fmt: skip
-        if method == "bwrf" and points:
-            best = [max(v for k, v in f.items() if k.startswith("acc_mp")) for _, f in points]
-            ax.plot([b for b, _ in points], best, marker="^", linestyle=":", alpha=0.7,
-                    label="BWRF best MP branch")  # fmt: skip
+    for fp in (ss[0] for (_, method, _, _), ss in groups.items() if method == "fp"):
+        ax.axhline(fp["final"]["acc"], color="gray", linestyle="--", label="FP")
+    for method, marker, offset in (("lsq", "o", -0.04), ("bwrf", "s", 0.04)):
+        points = sorted((w, [s["final"] for s in ss]) for (_, m, w, _), ss in groups.items()
+                        if m == method)  # fmt: skip
+        if not points:
+            continue
+        series = {method.upper(): [[f["acc"] for f in finals] for _, finals in points]}
+        if method == "bwrf":
+            series["BWRF best MP branch"] = [[best_branch(f) for f in finals]
+                                             for _, finals in points]  # fmt: skip
+        for name, values in series.items():
+            bits = [w + offset for w, _ in points]
+            sds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            ax.errorbar(
+                bits,
+                [statistics.mean(v) for v in values],
+                yerr=sds,
+                marker=marker,
+                capsize=3,
+                label=name,
+                **({"linestyle": ":", "alpha": 0.7} if "branch" in name else {}),
+            )
+            for b, v in zip(bits, values, strict=True):
+                ax.scatter([b] * len(v), v, s=8, color="black", alpha=0.35, zorder=3)
     ax.set(xlabel="bits (W = A)", ylabel="test accuracy (%)", title=label)
     ax.set_xticks([2, 3, 4])
     ax.grid(alpha=0.3)
@@ -172,33 +220,52 @@ def plot_suite(suite: str, label: str, runs: list[tuple[str, dict]], path: Path)
 
 def write_table(table: dict, rows: list[tuple[str, str, dict]]) -> None:
     device = describe_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))[0]
+    groups = seed_groups(rows)
     lines = [
         "# Results: FP, then LSQ and BWRF from the same FP model, same budget",
         "",
-        "Written by `python benchmarks/results_runs.py`; one seed (0); every run's records are in"
-        " `benchmarks/results/runs/<suite>/<run>/`.",
+        "Written by `python benchmarks/results_runs.py`; every QAT run starts from the same FP"
+        " model; accuracy is the mean ± sample standard deviation over the seeds, each seed's"
+        " value beside it; every run's records are in `benchmarks/results/runs/<suite>/<run>/`.",
         "",
-        "| data | model | bits | method | epochs | test accuracy | best MP branch | wall time |"
-        " machine |",
-        "|---|---|---|---|---:|---:|---:|---:|---|",
+        "| data | model | bits | method | epochs | seeds | test accuracy (%) | per seed |"
+        " best MP branch (%) | wall time (mean) | machine |",
+        "|---|---|---|---|---:|---:|---:|---|---:|---:|---|",
     ]
-    for suite, _, s in rows:
-        final = s["final"]
-        bits = "FP" if s["method"] == "fp" else f"W{s['w_bits']}A{s['a_bits']}"
-        branches = [v for k, v in final.items() if k.startswith("acc_mp")]
-        best = f"{max(branches):.2f} %" if branches else "-"
+    for (suite, method, w, a), ss in groups.items():
+        accs = [s["final"]["acc"] for s in ss]
+        branches = [b for b in (best_branch(s["final"]) for s in ss) if b is not None]
+        bits = "FP" if method == "fp" else f"W{w}A{a}"
         lines.append(
-            f"| {table[suite]['label']} | {s['model']} | {bits} | {s['method'].upper()} | "
-            f"{s['epochs']} | {final['acc']:.2f} % | {best} | {s['wall_s'] / 60:.1f} min | "
-            f"{machine(s)} |"
+            f"| {table[suite]['label']} | {ss[0]['model']} | {bits} | {method.upper()} | "
+            f"{ss[0]['epochs']} | {len(ss)} | {mean_sd(accs)} | "
+            f"{' / '.join(f'{v:.2f}' for v in accs)} | "
+            f"{mean_sd(branches) if branches else '-'} | "
+            f"{statistics.mean(s['wall_s'] for s in ss) / 60:.1f} min | {machine(ss[0])} |"
         )
+    lines += [
+        "",
+        "BWRF − LSQ, paired by seed (same seed, same FP start):",
+        "",
+        "| data | bits | seeds | BWRF − LSQ (points) | per seed |",
+        "|---|---|---:|---:|---|",
+    ]
+    for (suite, method, w, a), bwrf in groups.items():
+        lsq = {s["args"]["seed"]: s["final"]["acc"] for s in groups.get((suite, "lsq", w, a), [])}
+        pairs = [s["final"]["acc"] - lsq[s["args"]["seed"]] for s in bwrf
+                 if method == "bwrf" and s["args"]["seed"] in lsq]  # fmt: skip
+        if pairs:
+            lines.append(
+                f"| {table[suite]['label']} | W{w}A{a} | {len(pairs)} | "
+                f"{mean_sd(pairs, sign='+')} | {' / '.join(f'{d:+.2f}' for d in pairs)} |"
+            )
     suites_run = sorted({suite for suite, _, _ in rows})
     notes = "; ".join(f"{table[k]['label']}: {table[k]['fp_note']}" for k in suites_run)
-    lines += ["", f"FP rows: {notes}.", "", "Commands:", ""]
-    lines += [f"- `{command_line(s)}`" for _, _, s in rows]
+    lines += ["", f"FP rows: {notes}.", "", "Commands (seed <s> adds `--seed <s>`):", ""]
+    lines += dict.fromkeys(f"- `{command_line(s)}`" for _, _, s in rows)  # seeds share one
     stem = RESULTS_DIR / f"results_table_{'_'.join(suites_run)}_{device}"
     for suite in suites_run:
-        plot_suite(suite, table[suite]["label"], [(n, s) for k, n, s in rows if k == suite],
+        plot_suite(table[suite]["label"], {k: v for k, v in groups.items() if k[0] == suite},
                    RESULTS_DIR / f"results_{suite}_{device}.png")  # fmt: skip
         lines += ["", f"![{suite}](results_{suite}_{device}.png)"]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
