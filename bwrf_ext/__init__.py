@@ -7,6 +7,7 @@ from bwrf_ext.convert import (
     freeze_scales,
     quantization_report,
     quantize_model,
+    set_data_parallel_size,
     set_quantization_enabled,
 )
 from bwrf_ext.export import QuantizedLayer, export_onnx, export_quantized, onnx_export_mode
@@ -60,6 +61,7 @@ __all__ = [
     "pack_mask",
     "quantization_report",
     "quantize_model",
+    "set_data_parallel_size",
     "set_quantization_enabled",
     "split_model",
     "unpack_mask_mul",

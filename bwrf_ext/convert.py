@@ -202,3 +202,22 @@ def freeze_scales(model: nn.Module, frozen: bool = True) -> None:
     for module in model.modules():
         if isinstance(module, LSQQuantizer):
             module.freeze_scale(frozen)
+
+
+def set_data_parallel_size(model: nn.Module, size: int) -> None:
+    """Tells the activation quantizers of a model that ``size`` processes share each batch.
+
+    LSQ's step-size gradient factor then counts the elements of the global batch, so gradients
+    averaged over ``size`` processes (DistributedDataParallel) equal one process's gradient on
+    the whole batch. Weight quantizers see the same weights on every process: unchanged.
+
+    Args:
+        model: a model after :func:`quantize_model` (layers without an input quantizer are
+            skipped).
+        size: the number of data-parallel processes, >= 1 (1 restores the default).
+    """
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"set_data_parallel_size: size must be an int >= 1, got {size!r}")
+    for module in model.modules():
+        if isinstance(module, (QuantConv2d, QuantLinear)) and module.input_quantizer is not None:
+            module.input_quantizer.data_parallel_size = size

@@ -18,6 +18,7 @@ from bwrf_ext import (
     freeze_scales,
     quantization_report,
     quantize_model,
+    set_data_parallel_size,
     set_quantization_enabled,
 )
 from bwrf_ext.models import resnet20
@@ -225,6 +226,38 @@ def test_freeze_scales_stops_scale_gradients():
     scales = [p for n, p in converted.named_parameters() if n.endswith("quantizer.scale")]
     assert len(scales) == 6 and all(p.grad is None for p in scales)
     assert converted[0].weight.grad is not None
+
+
+def _scale_and_weight_grads(model: nn.Module, batches: list[torch.Tensor]) -> dict:
+    """Every parameter's gradient of the per-batch mean loss, averaged over the batches (what
+    DistributedDataParallel gives when each batch is one process's share)."""
+    model.zero_grad()
+    for x in batches:
+        (model(x).square().mean() / len(batches)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_data_parallel_size_makes_sharded_gradients_equal_the_whole_batch(processes):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))  # fmt: skip
+    model = quantize_model(net, 3, 3)
+    x = torch.randn(8, 3, 6, 6)
+    model(x)  # calibration
+    whole = _scale_and_weight_grads(model, [x])
+    shards = list(x.chunk(processes))
+    naive = _scale_and_weight_grads(model, shards)
+    set_data_parallel_size(model, processes)
+    sharded = _scale_and_weight_grads(model, shards)
+    for name, grad in whole.items():
+        torch.testing.assert_close(sharded[name], grad, msg=name)
+    # Without it an activation step size gets sqrt(P) times its one-process gradient.
+    name = "2.input_quantizer.scale"
+    torch.testing.assert_close(naive[name], whole[name] * processes**0.5)
+    torch.testing.assert_close(naive["2.weight_quantizer.scale"], whole["2.weight_quantizer.scale"])
+    with pytest.raises(ValueError, match="size must be an int >= 1, got 0"):
+        set_data_parallel_size(model, 0)
 
 
 def test_compile_fullgraph_matches_eager():

@@ -154,6 +154,12 @@ class LSQQuantizer(nn.Module):
     before wrapping the model in DistributedDataParallel, which then broadcasts rank 0's step
     sizes; initialised inside DDP, every rank would start from its own batch.
 
+    LSQ's gradient factor g = 1/sqrt(N * qmax) counts the N elements one step size covers in a
+    step. Under data parallelism each process sees 1/P of the batch and the gradients are
+    averaged, which would make an activation step size's gradient sqrt(P) times the
+    one-process one; ``data_parallel_size = P`` (set by :func:`set_data_parallel_size`) makes
+    N count the global batch instead, so P processes give the one-process gradient.
+
     The forward step size is ``max(|scale|, eps)`` in value with the gradient of ``|scale|``
     (straight-through clamp): it is always > 0, and a parameter pushed below eps or through
     zero still gets a gradient that can bring it back.
@@ -213,6 +219,7 @@ class LSQQuantizer(nn.Module):
         self.init_method = init
         self.enabled = True
         self.scale_frozen = False
+        self.data_parallel_size = 1  # processes sharing the batch (activation quantizers only)
         # A frozen copy of the step size while bwrf_ext.export.onnx_export_mode is active (see
         # set_export_mode); None otherwise.
         self.export_scale: torch.Tensor | None = None
@@ -313,7 +320,7 @@ class LSQQuantizer(nn.Module):
             return self._aten_fake_quant(x, self.export_scale, qmin, qmax)
         s = self.effective_scale()
         channels = 1 if self.axis is None else x.shape[self.axis]
-        g = lsq_grad_factor(x.numel() // channels, qmax)
+        g = lsq_grad_factor(x.numel() // channels * self.data_parallel_size, qmax)
         if self.impl == "composite":
             return composite_lsq_fake_quant(x, s, qmin, qmax, g, self.axis)
         return lsq_fake_quant(

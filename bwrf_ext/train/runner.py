@@ -202,6 +202,8 @@ class _Run:
             load_into(method.trainable, ckpt["trainable"], "the checkpoint's model")
         elif method.quantized:
             self._calibrate(method, data)
+        if method.quantized:  # LSQ's gradient factor counts the global batch (1 process: no-op)
+            bwrf_ext.set_data_parallel_size(method.trainable, self.dist.world_size)
         return method
 
     def _fp_weights(self, path: str) -> tuple[dict, dict]:
