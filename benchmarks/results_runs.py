@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         default=[0],
         help="QAT seeds; seed 0's runs are <method>_w<b>a<b>, others add _seed<s>",
     )
+    parser.add_argument("--methods", nargs="+", default=["lsq", "bwrf"], choices=("lsq", "bwrf"),
+                        help="the QAT methods to train (finished runs of any are tabulated)")
     parser.add_argument(
         "--table-only", action="store_true", help="tabulate the finished runs, start no new one"
     )
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                 summary = run(name, suite, [
                     *spec["data"], "--method", method, "--w-bits", str(w), "--a-bits", str(a),
                     "--init-from", str(RUNS / suite / "fp"), *spec["qat"], "--seed", str(seed),
-                ], args.threads, start)  # fmt: skip
+                ], args.threads, start and method in args.methods)  # fmt: skip
                 if summary is not None:
                     keep_records(suite, name)
                     rows.append((suite, name, summary))

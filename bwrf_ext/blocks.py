@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from bwrf_ext.models.cifar_resnet import CifarResNet
 
-__all__ = ["BlockSplit", "FrozenPartner", "split_model"]
+__all__ = ["BlockSplit", "FrozenPartner", "probing", "split_model"]
 
 # Names of the blocks an automatic split produces, for repr and error messages.
 _GroupNames = list[list[str]]
@@ -149,18 +150,46 @@ def split_model(
     return split
 
 
+@contextmanager
+def probing(*modules: nn.Module) -> Iterator[None]:
+    """For a forward that only probes shapes or structure: leaves no trace on the modules.
+
+    Eval mode (a train-mode BatchNorm would update its running statistics) and every fake
+    quantizer off (a lazily initialised LSQ quantizer would take its step size from the probe
+    input instead of the calibration batch); the training flags and quantizer switches are
+    restored afterwards. Gradients are not touched: wrap in ``torch.no_grad()`` if none are
+    needed.
+    """
+    every = {m for root in modules for m in root.modules()}
+    flags = {m: m.training for m in every}
+    # Quantizers by their switch (LSQQuantizer's enabled/set_enabled): the engine stays free
+    # of quantization imports.
+    quantizers = {m: m.enabled for m in every if callable(getattr(m, "set_enabled", None))}
+    try:
+        for m in every:
+            m.training = False
+        for q in quantizers:
+            q.set_enabled(False)
+        yield
+    finally:
+        for m, training in flags.items():
+            m.training = training
+        for q, enabled in quantizers.items():
+            q.set_enabled(enabled)
+
+
 def check_split(model: nn.Module, split: BlockSplit, example_input: torch.Tensor) -> None:
-    """Raises ValueError unless ``split(x)`` equals ``model(x)`` on ``example_input`` (eval mode).
+    """Raises ValueError unless ``split(x)`` equals ``model(x)`` on ``example_input``.
+
+    Runs under :func:`probing` (eval mode, quantizers off), so the check changes nothing in
+    the model; it compares the structure, which the quantizers do not change.
 
     Args:
         model: the model.
         split: a split of it.
         example_input: an input the model accepts.
     """
-    flags = {m: m.training for m in (*model.modules(), *split.modules())}
-    try:
-        model.eval()
-        split.eval()
+    with probing(model, split):
         with torch.no_grad():
             expected = model(example_input)
             x = example_input
@@ -176,9 +205,6 @@ def check_split(model: nn.Module, split: BlockSplit, example_input: torch.Tensor
                         f"({_names_of(split, label)}) on input {tuple(x.shape)}: {e}. Is the "
                         "model's forward the plain chain stem -> blocks -> head?"
                     ) from e
-    finally:
-        for m, training in flags.items():
-            m.training = training
     if not isinstance(expected, torch.Tensor) or x.shape != expected.shape:
         shape = tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected)
         raise ValueError(

@@ -235,3 +235,18 @@ def test_engine_does_not_import_quantization(file: str):
 def test_block_split_needs_a_block():
     with pytest.raises(ValueError, match="at least one block"):
         BlockSplit(nn.Identity(), [], nn.Identity())
+
+
+def test_splitting_leaves_no_trace_on_an_uncalibrated_quantized_model():
+    """The split check's forward must not initialise the step sizes (they would come from the
+    example, not the calibration batch) nor move BatchNorm statistics nor the mode."""
+    torch.manual_seed(0)
+    model = quantize_model(resnet20(), 2, 2).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = [m.input_quantizer for m in model.modules() if hasattr(m, "input_quantizer")]
+    assert inputs and not any(q.is_initialized for q in inputs)  # set on the first batch
+    split_model(model, example_input=torch.randn(2, 3, 32, 32))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.training and all(m.training for m in model.modules())
+    assert all(q.enabled and not q.is_initialized for q in inputs)

@@ -50,6 +50,10 @@ BAD_INPUTS = [
     (["--data-dir", "."], "--dataset digits comes with scikit-learn"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),
     (["--unknown-flag"], "unrecognized arguments"),
+    (["--method", "lsq", "--branches", "1"], "--branches is for --method bwrf or blockkd, not lsq"),
+    (["--method", "bwrf", "--branches", "0,1"], "--branches must be distinct block indices >= 1"),
+    (["--method", "bwrf", "--branches", "1,x"], "like 1,2, or none; got '1,x'"),
+    (["--nesterov", "--optimizer", "adamw"], "--nesterov needs --optimizer sgd"),
 ]
 
 
@@ -265,6 +269,25 @@ def test_torchrun_two_processes_match_one(method, tmp_path):
     for key, value in single_model.items():
         torch.testing.assert_close(ddp_model[key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_bwrf_without_branches_nor_kd_is_lsq(fp_run, tmp_path, capsys):
+    """--branches none --alpha 0 leaves BWRF with the LP cross-entropy alone: plain LSQ."""
+    common = ["--w-bits", "2", "--a-bits", "2", "--init-from", str(fp_run), "--epochs", "1"]
+    bwrf, lsq = tmp_path / "bwrf", tmp_path / "lsq"
+    assert run_cli(["--method", "bwrf", "--branches", "none", "--alpha", "0", *common], bwrf) == 0
+    assert run_cli(["--method", "lsq", *common], lsq) == 0
+    row, plain = records(bwrf)[-1], records(lsq)[-1]
+    assert not any(k.startswith(("acc_mp", "train_mp")) for k in row)
+    assert row["train_lp_ce"] == pytest.approx(plain["train_loss"], rel=1e-6)
+    assert row["acc"] == plain["acc"]
+    trained, reference = load_checkpoint(bwrf)["model"], load_checkpoint(lsq)["model"]
+    for key, value in reference.items():
+        torch.testing.assert_close(trained[key], value, msg=key)
+    # A block the split does not have: one line naming the option and the valid range.
+    assert run_cli(["--method", "bwrf", "--branches", "7", *common], tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert "--branches (7,): BWRFConfig: branch 7 does not exist" in err and "1..2" in err
 
 
 def test_torchrun_bwrf(fp_run, tmp_path):

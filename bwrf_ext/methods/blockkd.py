@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -18,6 +17,7 @@ from bwrf_ext.blocks import (
     check_separate,
     check_split_of,
     forward_with_branches,
+    probing,
     resolve_branch_weights,
     split_model,
 )
@@ -266,9 +266,9 @@ class BlockKD(PartneredModule):
             models without an automatic one.
         example_input: an input both models take, to learn the block output shapes the
             connectors map between (default: (2, 3, 32, 32) normal noise on the student's
-            device, in its dtype; factory-built connectors go there too). The student runs on a
-            copy, so lazily initialised quantizers stay
-            untouched.
+            device, in its dtype; factory-built connectors go there too). The probe runs in
+            eval mode with the quantizers off (``blocks.probing``), so lazily initialised
+            quantizers and BatchNorm statistics stay untouched.
 
     Raises:
         ValueError: the same model twice, shared parameters, different block or class counts,
@@ -341,13 +341,9 @@ class BlockKD(PartneredModule):
     ) -> nn.ModuleDict:
         """Builds (or takes) C_i for every stone and checks its output shape on the example."""
         teacher_outputs, teacher_logits = self.partner.block_outputs_and_logits(example_input)
-        # A copy: a lazily initialised quantizer (LSQ) would take its step sizes from this
-        # example, and a train-mode BatchNorm would update its statistics.
-        probe = copy.deepcopy(self.student_split).eval()
-        with torch.no_grad():
-            student_outputs = probe.block_outputs(example_input)
-            student_logits = probe.head(student_outputs[-1])
-        del probe
+        with probing(self.student_split), torch.no_grad():
+            student_outputs = self.student_split.block_outputs(example_input)
+            student_logits = self.student_split.head(student_outputs[-1])
         if student_logits.shape != teacher_logits.shape:
             raise ValueError(
                 f"BlockKD: the student outputs {tuple(student_logits.shape)}, the teacher "
@@ -371,9 +367,8 @@ class BlockKD(PartneredModule):
                 for i in self.stone_weights
             }
         for i, module in given.items():
-            probe = copy.deepcopy(module).eval()
-            with torch.no_grad():
-                mapped = probe(student_outputs[i - 1])
+            with probing(module), torch.no_grad():
+                mapped = module(student_outputs[i - 1])
             _check_stone_input(i, self.num_blocks, student_outputs[i - 1].shape, mapped.shape,
                                teacher_outputs[i - 1].shape)
         return nn.ModuleDict({str(i): given[i] for i in sorted(given)})

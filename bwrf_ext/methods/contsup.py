@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bwrf_ext.blocks import BlockSplit, split_model
+from bwrf_ext.blocks import BlockSplit, probing, split_model
 from bwrf_ext.methods.contsup_parts import (
     AuxHead,
     ContextProjector,
@@ -27,7 +26,6 @@ from bwrf_ext.methods.contsup_parts import (
     supervised_contrastive_loss,
 )
 from bwrf_ext.models.cifar_resnet import CifarResNet
-from bwrf_ext.nn.quantizer import LSQQuantizer
 
 __all__ = ["ContSup", "ContSupConfig", "ContSupCost", "ContSupOutput", "PartCost"]
 
@@ -574,7 +572,7 @@ class ContSup(nn.Module):
         handles = [m.register_forward_hook(count) for m in layers]
         x = torch.zeros(tuple(input_shape), device=self._device(), dtype=self._dtype())
         try:
-            with self._probing(self):
+            with probing(self):
                 h, recent = x, [x]
                 for m, (start, stop) in enumerate(self.module_ranges, 1):
                     for u in range(start, stop):
@@ -603,25 +601,6 @@ class ContSup(nn.Module):
         p = next((p for p in self.parameters() if p.is_floating_point()), None)
         return p.dtype if p is not None else torch.float32
 
-    @staticmethod
-    @contextmanager
-    def _probing(*modules: nn.Module):
-        """Eval mode, fake quantizers off; restores training flags and quantizer switches."""
-        every = {m for root in modules for m in root.modules()}
-        flags = {m: m.training for m in every}
-        quantizers = {m: m.enabled for m in every if isinstance(m, LSQQuantizer)}
-        try:
-            for m in every:
-                m.training = False
-            for q in quantizers:
-                q.set_enabled(False)
-            yield
-        finally:
-            for m, training in flags.items():
-                m.training = training
-            for q, enabled in quantizers.items():
-                q.set_enabled(enabled)
-
     def _probe(self, example_input: torch.Tensor) -> tuple[list[torch.Size], list[int], int]:
         """(output shape of each unit, saved-activation bytes of each unit, classes)."""
         parameters = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
@@ -637,7 +616,7 @@ class ContSup(nn.Module):
         # The input requires grad so that every unit saves its activations even when the
         # model's parameters are frozen; only shapes and byte counts are kept.
         h = example_input.detach().clone().requires_grad_(example_input.is_floating_point())
-        with self._probing(self.model, self.split), torch.enable_grad():
+        with probing(self.model, self.split), torch.enable_grad():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 for unit in self.units:
                     costs.append({})

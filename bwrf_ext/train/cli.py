@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from bwrf_ext.data import AUGMENTS, DATASETS
 from bwrf_ext.train.checkpoint import CheckpointError
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "1e-3 (AdamW)",
     )  # fmt: skip
     opt.add_argument("--momentum", type=float, default=0.9)
+    opt.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
     opt.add_argument("--weight-decay", type=float, default=1e-4)
     opt.add_argument("--schedule", default="cosine", choices=("cosine", "step", "constant"))
     opt.add_argument("--warmup-epochs", type=int, default=0)
@@ -101,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     bw.add_argument(
         "--branch-weights", default=None, choices=("uniform", "geometric"),
         help="weights of BWRF's branches / Block-KD's stones (BWRF uniform, Block-KD geometric)",
+    )  # fmt: skip
+    bw.add_argument(
+        "--branches", default=None,
+        help="BWRF's branch entries / Block-KD's stones as comma-separated block indices, e.g. "
+        "1,2, or none: plain KD from the partner (the ablation); default: all",
     )  # fmt: skip
     bw.add_argument("--teacher-model", default="resnet56", help="Block-KD's teacher architecture")
     bw.add_argument(
@@ -166,6 +173,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 "resnet20/32/44/56/110, cifar_resnet18, resnet8x4/32x4, wrn_16_2/40_2, "
                 "small_cnn, mlp; or a torchvision classification model name"
             )
+    if args.branches is not None:
+        if args.method not in ("bwrf", "blockkd"):
+            raise UsageError(f"--branches is for --method bwrf or blockkd, not {args.method}")
+        args.branches = parse_branches(args.branches)
     given_bits = args.w_bits is not None or args.a_bits is not None
     if args.method == "fp" and given_bits:
         raise UsageError("--w-bits/--a-bits quantize the model: use --method lsq or bwrf, not fp")
@@ -207,6 +218,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.nesterov and (args.optimizer != "sgd" or args.momentum <= 0):
+        raise UsageError("--nesterov needs --optimizer sgd with --momentum > 0")
     if args.lr is not None and not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.lr is None:
@@ -228,6 +241,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             bits = f"-k{args.contsup_k}{args.contsup_context}{bits}"
         args.out = str(Path("runs") / f"{args.method}-{args.model}-{args.dataset}{bits}")
     return args
+
+
+def parse_branches(text: str) -> tuple[int, ...]:
+    """The --branches text as block indices: "1,2" -> (1, 2); "none" -> () (plain KD)."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        chosen = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        chosen = ()
+    if not chosen or min(chosen) < 1 or len(set(chosen)) != len(chosen):
+        raise UsageError(
+            f"--branches must be distinct block indices >= 1 like 1,2, or none; got {text!r}"
+        )
+    return chosen
+
+
+def option_defaults() -> dict[str, Any]:
+    """Every option's default: what a checkpoint written before an option existed ran with."""
+    return {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from bwrf_ext.train.checkpoint import (
     load_into,
     save_atomic,
 )
-from bwrf_ext.train.cli import RESUME_MAY_CHANGE, UsageError
+from bwrf_ext.train.cli import RESUME_MAY_CHANGE, UsageError, option_defaults
 from bwrf_ext.train.methods import (
     Method,
     blockkd_method,
@@ -109,7 +109,7 @@ class _Run:
                     f"run's {saved.get(name)}; drop it or start a new --out"
                 )
         saved.update({name: getattr(args, name) for name in RESUME_MAY_CHANGE})
-        return argparse.Namespace(**saved)
+        return argparse.Namespace(**{**option_defaults(), **saved})
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
@@ -172,19 +172,24 @@ class _Run:
             method = plain_method(args.method, net, quantized)
         elif args.method == "bwrf":
             config = bwrf_ext.BWRFConfig(alpha=args.alpha, **_given(
-                temperature=args.temperature, branch_weights=args.branch_weights
+                temperature=args.temperature, branch_weights=args.branch_weights,
+                branches=args.branches,
             ))  # fmt: skip
+            lp_split = self._split(args.model, net, example)
+            self._check_branches(config, lp_split)
             method = bwrf_method(
-                net, model, config, self._split(args.model, net, example),
-                self._split(args.model, model, example),
-            )  # fmt: skip
+                net, model, config, lp_split, self._split(args.model, model, example)
+            )
         elif args.method == "blockkd":
             config = bwrf_ext.BlockKDConfig(
                 alpha=args.alpha, beta=args.beta, gamma=args.gamma, kd=args.kd,
-                **_given(temperature=args.temperature, stone_weights=args.branch_weights),
+                **_given(temperature=args.temperature, stone_weights=args.branch_weights,
+                         stones=args.branches),
             )  # fmt: skip
+            student_split = self._split(args.model, net, example)
+            self._check_branches(config, student_split)
             method = blockkd_method(
-                net, teacher, config, self._split(args.model, net, example),
+                net, teacher, config, student_split,
                 self._split(args.teacher_model, teacher, example), example, quantized,
             )  # fmt: skip
         else:
@@ -221,6 +226,13 @@ class _Run:
                 "ResNets and MobileNetV2 have one)"
             ) from None
 
+    def _check_branches(self, config, split) -> None:
+        """--branches names blocks the split has (the config's message says which exist)."""
+        try:
+            config.resolve(len(split.blocks))
+        except ValueError as error:
+            raise UsageError(f"--branches {self.args.branches}: {error}") from None
+
     @torch.no_grad()
     def _calibrate(self, method: Method, data: ImageData) -> None:
         """LSQ-initialises the step sizes on one fixed batch, the same on every rank."""
@@ -238,8 +250,9 @@ class _Run:
         params = [p for p in method.trainable.parameters() if p.requires_grad]
         if args.optimizer == "sgd":
             optimizer = torch.optim.SGD(
-                params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
-            )
+                params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                nesterov=args.nesterov,
+            )  # fmt: skip
         else:
             optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
         total = args.epochs * steps_per_epoch
