@@ -232,6 +232,37 @@ def _names_of(split: BlockSplit, label: str) -> list[str] | str:
     return blocks[int(label.split()[1]) - 1]
 
 
+def normalize_branch_choice(
+    selected: Sequence[int] | None,
+    weights: str | Sequence[float],
+    who: str,
+    noun: tuple[str, str],
+) -> tuple[tuple[int, ...] | None, str | tuple[float, ...]]:
+    """A config's (branch indices, weights) checked and as tuples; the rule BWRF's branches and
+    Block-KD's stones share (the indices are checked against a split by
+    :func:`resolve_branch_weights`).
+
+    Args:
+        selected: the branch indices, or None (all).
+        weights: "uniform", "geometric" or one float per selected branch.
+        who: the config's name for messages; noun: (singular, plural), e.g. ("stone", "stones").
+    """
+    one, many = noun
+    if isinstance(weights, str):
+        if weights not in ("uniform", "geometric"):
+            raise ValueError(
+                f"{who}: {one}_weights must be 'uniform', 'geometric' or a tuple of floats, got "
+                f"{weights!r}"
+            )
+    else:
+        weights = tuple(float(w) for w in weights)
+    if selected is not None:
+        selected = tuple(int(i) for i in selected)
+        if len(set(selected)) != len(selected):
+            raise ValueError(f"{who}: {many} has duplicates: {selected}")
+    return selected, weights
+
+
 def resolve_branch_weights(
     selected: Sequence[int] | None,
     weights: str | Sequence[float],

@@ -409,6 +409,8 @@ def test_config_and_input_errors():
         BlockKDConfig(kd="mse")
     with pytest.raises(ValueError, match="stones has duplicates"):
         BlockKDConfig(stones=(1, 1))
+    with pytest.raises(ValueError, match="BlockKDConfig: stone_weights must be 'uniform', 'geo"):
+        BlockKDConfig(stone_weights="linear")
     with pytest.raises(ValueError, match="must be two models"):
         BlockKD(teacher, teacher)
     with pytest.raises(ValueError, match="shares parameters"):

@@ -17,6 +17,7 @@ from bwrf_ext.blocks import (
     check_separate,
     check_split_of,
     forward_with_branches,
+    normalize_branch_choice,
     probing,
     resolve_branch_weights,
     split_model,
@@ -111,18 +112,11 @@ class BlockKDConfig:
             raise ValueError(
                 f"BlockKDConfig: kd must be 'kl', 'dkd' or a callable, got {self.kd!r}"
             )
-        if isinstance(self.stone_weights, str):
-            if self.stone_weights not in ("geometric", "uniform"):
-                raise ValueError(
-                    "BlockKDConfig: stone_weights must be 'geometric', 'uniform' or a tuple of "
-                    f"floats, got {self.stone_weights!r}"
-                )
-        else:
-            object.__setattr__(self, "stone_weights", tuple(float(w) for w in self.stone_weights))
-        if self.stones is not None:
-            object.__setattr__(self, "stones", tuple(int(i) for i in self.stones))
-            if len(set(self.stones)) != len(self.stones):
-                raise ValueError(f"BlockKDConfig: stones has duplicates: {self.stones}")
+        stones, weights = normalize_branch_choice(
+            self.stones, self.stone_weights, "BlockKDConfig", ("stone", "stones")
+        )
+        object.__setattr__(self, "stones", stones)
+        object.__setattr__(self, "stone_weights", weights)
 
     def resolve(self, num_blocks: int) -> dict[int, float]:
         """Stone index i -> w_i (before beta), in increasing i, for a split into num_blocks."""

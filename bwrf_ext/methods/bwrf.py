@@ -17,6 +17,7 @@ from bwrf_ext.blocks import (
     check_separate,
     check_split_of,
     forward_with_branches,
+    normalize_branch_choice,
     resolve_branch_weights,
     split_model,
 )
@@ -65,18 +66,11 @@ class BWRFConfig:
             raise ValueError(f"BWRFConfig: alpha must be >= 0, got {self.alpha}")
         if not self.temperature > 0:
             raise ValueError(f"BWRFConfig: temperature must be > 0, got {self.temperature}")
-        if isinstance(self.branch_weights, str):
-            if self.branch_weights not in ("uniform", "geometric"):
-                raise ValueError(
-                    "BWRFConfig: branch_weights must be 'uniform', 'geometric' or a tuple of "
-                    f"floats, got {self.branch_weights!r}"
-                )
-        else:
-            object.__setattr__(self, "branch_weights", tuple(float(w) for w in self.branch_weights))
-        if self.branches is not None:
-            object.__setattr__(self, "branches", tuple(int(i) for i in self.branches))
-            if len(set(self.branches)) != len(self.branches):
-                raise ValueError(f"BWRFConfig: branches has duplicates: {self.branches}")
+        branches, weights = normalize_branch_choice(
+            self.branches, self.branch_weights, "BWRFConfig", ("branch", "branches")
+        )
+        object.__setattr__(self, "branches", branches)
+        object.__setattr__(self, "branch_weights", weights)
 
     def resolve(self, num_blocks: int) -> dict[int, float]:
         """Branch index i -> weight w_i, for a split into num_blocks blocks."""
