@@ -1,14 +1,18 @@
 """The README's results table: FP, then LSQ and BWRF at W4A4/W3A3/W2A2 from it, same budget.
 
-Usage: ``python benchmarks/results_runs.py [--suite cifar10|fashion-mnist|all] [--epochs-qat N]
-[--seeds 0 1 2]``.
+Usage: ``python benchmarks/results_runs.py [--suite cifar10 fashion-mnist] [--seeds 0 1 2]
+[--parallel N] [--epochs-qat N] [--device cuda]``.
+
+Suites: ``cifar10`` and ``fashion-mnist`` are the CPU table (ResNet-20, one QAT epoch);
+``digits-smoke`` checks this script in seconds; ``cifar10-long`` (ResNet-20, 10 QAT epochs) and
+``cifar10-resnet18`` (ResNet-18 trained from scratch 15 epochs, then 5 QAT epochs) are sized,
+by estimate, for one 9-minute GPU call (``benchmarks/gpu_session.sh train``).
 
 Runs ``bwrf-train`` once per row (each run in ``runs/results/<suite>/<name>``; a finished run
-is skipped, an interrupted one resumed, so the script can be restarted), then copies each run's
-raw records (metrics.jsonl, summary.json, log.txt, accuracy.png) to
-``benchmarks/results/runs/<suite>/<name>/`` and writes the table to
-``benchmarks/results/results_table_<device>.md`` and ``.json``. Every command it runs is
-printed and kept in the table's JSON.
+is skipped, an interrupted one resumed, so the script can be restarted), up to ``--parallel``
+at a time after the FP run, then copies each run's raw records (metrics.jsonl, summary.json,
+log.txt, accuracy.png) to ``benchmarks/results/runs/<suite>/<name>/`` and writes the table to
+``benchmarks/results/results_table_<suites>_<device>.md`` and ``.json`` with the commands.
 
 Every seed starts from the same FP model (trained once, seed 0); a seed changes the QAT run's
 data order, augmentation and initialisation of what it adds. The table gives the mean and
@@ -24,6 +28,8 @@ import shutil
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -37,46 +43,72 @@ from bwrf_ext.models.pretrained import akamaster_weights_path, default_shared_di
 
 RUNS = Path("runs/results")
 BITS = ((2, 2), (3, 3), (4, 4))
+CIFAR10_LABEL = "CIFAR-10 (lossy JPEG-q75 copy)"
 
 
-def suites(qat_epochs: int) -> dict[str, dict]:
-    """Each suite: the FP run's options, then the options shared by every LSQ/BWRF run."""
+@dataclass
+class Suite:
+    """One table block: a data set and model, the FP run, and the QAT runs' shared options."""
+
+    label: str
+    fp_note: str
+    data: list[str]  # --dataset, --data-dir, --model
+    fp: list[str]  # the FP run's own options
+    qat_lr: float
+    qat_epochs: int  # default; --epochs-qat overrides
+
+
+def suites() -> dict[str, Suite]:
     shared = default_shared_dir()
+    cifar10 = ["--dataset", "cifar10", "--data-dir", str(shared / "data" / "cifar10_jpeg_q75")]
+    akamaster_fp = ["--init-from", str(akamaster_weights_path(20)), "--epochs", "1", "--lr", "0.01"]
+    fine_tuned = "akamaster ResNet-20 fine-tuned 1 epoch on the JPEG train split"
     return {
-        "cifar10": {
-            "data": ["--dataset", "cifar10", "--data-dir",
-                     str(shared / "data" / "cifar10_jpeg_q75"), "--model", "resnet20"],
-            "fp": ["--init-from", str(akamaster_weights_path(20)), "--epochs", "1", "--lr", "0.01"],
-            "qat": ["--epochs", str(qat_epochs), "--lr", "0.01"],
-            "label": "CIFAR-10 (lossy JPEG-q75 copy)",
-            "fp_note": "akamaster ResNet-20 fine-tuned 1 epoch on the JPEG train split",
-        },
-        "fashion-mnist": {
-            "data": ["--dataset", "fashion-mnist", "--model", "resnet20"],
-            "fp": ["--epochs", "2", "--lr", "0.1"],
-            "qat": ["--epochs", str(qat_epochs), "--lr", "0.01"],
-            "label": "Fashion-MNIST (exact, Debian package)",
-            "fp_note": "ResNet-20 (1-channel stem) from scratch, 2 epochs",
-        },
+        "cifar10": Suite(CIFAR10_LABEL, fine_tuned, [*cifar10, "--model", "resnet20"],
+                         akamaster_fp, 0.01, 1),
+        "fashion-mnist": Suite(
+            "Fashion-MNIST (exact, Debian package)",
+            "ResNet-20 (1-channel stem) from scratch, 2 epochs",
+            ["--dataset", "fashion-mnist", "--model", "resnet20"], ["--epochs", "2", "--lr", "0.1"],
+            0.01, 1,
+        ),
+        "digits-smoke": Suite(  # seconds on a CPU: checks this script, measures nothing
+            "digits (scikit-learn, smoke test)", "small CNN from scratch, 2 epochs",
+            ["--model", "small_cnn"], ["--epochs", "2", "--lr", "0.1"], 0.01, 1,
+        ),
+        "cifar10-long": Suite(CIFAR10_LABEL, fine_tuned, [*cifar10, "--model", "resnet20"],
+                              akamaster_fp, 0.01, 10),
+        "cifar10-resnet18": Suite(
+            CIFAR10_LABEL, "ResNet-18 (CIFAR stem) from scratch, 15 epochs, lr 0.1",
+            [*cifar10, "--model", "cifar_resnet18"], ["--epochs", "15", "--lr", "0.1"], 0.01, 5,
+        ),
     }  # fmt: skip
 
 
-def run(
-    name: str, suite: str, options: list[str], threads: int | None = None, start: bool = True
-) -> dict | None:
-    """The run's summary: kept from an earlier call, else trained now (None: not started)."""
+def run(name: str, suite: str, options: list[str], extra: list[str], start: bool) -> dict | None:
+    """The run's summary: kept from an earlier call, else trained now (None: not started).
+
+    Args:
+        extra: bwrf-train options that do not change the result (--threads, --device,
+            --workers); the console output goes to the run's console.txt.
+    """
     out = RUNS / suite / name
     if (out / "summary.json").is_file():
-        print(f"[{suite}/{name}] done before, kept")
+        print(f"[{suite}/{name}] done before, kept", flush=True)
         return json.loads((out / "summary.json").read_text())
     if not start:
         return None
     resume = ["--resume"] if (out / "last.pt").is_file() else []
-    threads_option = ["--threads", str(threads)] if threads else []
     command = [sys.executable, "-m", "bwrf_ext.train", *options, "--out", str(out),
-               "--no-progress", *resume, *threads_option]  # fmt: skip
+               "--no-progress", *resume, *extra]  # fmt: skip
     print("$ " + " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "console.txt", "a") as console:
+        result = subprocess.run(command, stdout=console, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"[{suite}/{name}] bwrf-train failed ({result.returncode}): see "
+                           f"{out / 'console.txt'}")  # fmt: skip
+    print(f"[{suite}/{name}] done", flush=True)
     return json.loads((out / "summary.json").read_text())
 
 
@@ -113,10 +145,11 @@ def command_line(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    table = suites()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", default="all", choices=("all", "cifar10", "fashion-mnist"))
-    parser.add_argument("--epochs-qat", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=None, help="passed to bwrf-train")
+    parser.add_argument("--suite", nargs="+", default=["cifar10", "fashion-mnist"],
+                        choices=list(table), help="default: the CPU table")  # fmt: skip
+    parser.add_argument("--epochs-qat", type=int, default=None, help="default: the suite's")
     parser.add_argument(
         "--seeds",
         type=int,
@@ -124,33 +157,48 @@ def main(argv: list[str] | None = None) -> None:
         default=[0],
         help="QAT seeds; seed 0's runs are <method>_w<b>a<b>, others add _seed<s>",
     )
-    parser.add_argument("--methods", nargs="+", default=["lsq", "bwrf"], choices=("lsq", "bwrf"),
-                        help="the QAT methods to train (finished runs of any are tabulated)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["lsq", "bwrf"],
+        choices=("lsq", "bwrf"),
+        help="the QAT methods to train (finished runs of any are tabulated)",
+    )
+    parser.add_argument("--parallel", type=int, default=1, help="QAT runs at a time")
+    parser.add_argument("--threads", type=int, default=None, help="passed to bwrf-train")
+    parser.add_argument("--device", default=None, help="passed to bwrf-train")
+    parser.add_argument("--workers", type=int, default=None, help="passed to bwrf-train")
     parser.add_argument(
         "--table-only", action="store_true", help="tabulate the finished runs, start no new one"
-    )
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    table = suites(args.epochs_qat)
-    chosen = list(table) if args.suite == "all" else [args.suite]
+    if args.parallel < 1:
+        parser.error(f"--parallel must be >= 1, got {args.parallel}")
+    extra = [f"--{k}={v}" for k, v in (("threads", args.threads), ("device", args.device),
+                                       ("workers", args.workers)) if v is not None]  # fmt: skip
+    start = not args.table_only
     rows = []
-    for suite in chosen:
+    for suite in args.suite:
         spec = table[suite]
-        start = not args.table_only
-        fp = run("fp", suite, [*spec["data"], "--method", "fp", *spec["fp"]], args.threads, start)
+        fp = run("fp", suite, [*spec.data, "--method", "fp", *spec.fp], extra, start)
         if fp is None:
             continue
         keep_records(suite, "fp")
         rows.append((suite, "fp", fp))
-        for seed in args.seeds:
-            for (w, a), method in itertools.product(BITS, ("lsq", "bwrf")):
-                name = f"{method}_w{w}a{a}" + (f"_seed{seed}" if seed else "")
-                summary = run(name, suite, [
-                    *spec["data"], "--method", method, "--w-bits", str(w), "--a-bits", str(a),
-                    "--init-from", str(RUNS / suite / "fp"), *spec["qat"], "--seed", str(seed),
-                ], args.threads, start and method in args.methods)  # fmt: skip
-                if summary is not None:
-                    keep_records(suite, name)
-                    rows.append((suite, name, summary))
+        epochs = args.epochs_qat or spec.qat_epochs
+        jobs = []
+        for seed, (w, a), method in itertools.product(args.seeds, BITS, ("lsq", "bwrf")):
+            name = f"{method}_w{w}a{a}" + (f"_seed{seed}" if seed else "")
+            options = [*spec.data, "--method", method, "--w-bits", str(w), "--a-bits", str(a),
+                       "--init-from", str(RUNS / suite / "fp"), "--epochs", str(epochs),
+                       "--lr", str(spec.qat_lr), "--seed", str(seed)]  # fmt: skip
+            jobs.append((name, suite, options, extra, start and method in args.methods))
+        with ThreadPoolExecutor(args.parallel) as pool:
+            summaries = list(pool.map(lambda job: run(*job), jobs))
+        for (name, *_), summary in zip(jobs, summaries, strict=True):
+            if summary is not None:
+                keep_records(suite, name)
+                rows.append((suite, name, summary))
     if rows:
         write_table(table, rows)
 
@@ -239,35 +287,33 @@ def write_table(table: dict, rows: list[tuple[str, str, dict]]) -> None:
         branches = [b for b in (best_branch(s["final"]) for s in ss) if b is not None]
         bits = "FP" if method == "fp" else f"W{w}A{a}"
         lines.append(
-            f"| {table[suite]['label']} | {ss[0]['model']} | {bits} | {method.upper()} | "
+            f"| {table[suite].label} | {ss[0]['model']} | {bits} | {method.upper()} | "
             f"{ss[0]['epochs']} | {len(ss)} | {mean_sd(accs)} | "
             f"{' / '.join(f'{v:.2f}' for v in accs)} | "
             f"{mean_sd(branches) if branches else '-'} | "
             f"{statistics.mean(s['wall_s'] for s in ss) / 60:.1f} min | {machine(ss[0])} |"
         )
-    lines += [
-        "",
-        "BWRF − LSQ, paired by seed (same seed, same FP start):",
-        "",
-        "| data | bits | seeds | BWRF − LSQ (points) | per seed |",
-        "|---|---|---:|---:|---|",
-    ]
+    paired = []
     for (suite, method, w, a), bwrf in groups.items():
         lsq = {s["args"]["seed"]: s["final"]["acc"] for s in groups.get((suite, "lsq", w, a), [])}
         pairs = [s["final"]["acc"] - lsq[s["args"]["seed"]] for s in bwrf
                  if method == "bwrf" and s["args"]["seed"] in lsq]  # fmt: skip
         if pairs:
-            lines.append(
-                f"| {table[suite]['label']} | W{w}A{a} | {len(pairs)} | "
+            paired.append(
+                f"| {table[suite].label} | {bwrf[0]['model']} | W{w}A{a} | {len(pairs)} | "
                 f"{mean_sd(pairs, sign='+')} | {' / '.join(f'{d:+.2f}' for d in pairs)} |"
             )
+    if paired:
+        lines += ["", "BWRF − LSQ, paired by seed (same seed, same FP start):", "",
+                  "| data | model | bits | seeds | BWRF − LSQ (points) | per seed |",
+                  "|---|---|---|---:|---:|---|", *paired]  # fmt: skip
     suites_run = sorted({suite for suite, _, _ in rows})
-    notes = "; ".join(f"{table[k]['label']}: {table[k]['fp_note']}" for k in suites_run)
+    notes = "; ".join(f"{table[k].label}: {table[k].fp_note}" for k in suites_run)
     lines += ["", f"FP rows: {notes}.", "", "Commands (seed <s> adds `--seed <s>`):", ""]
     lines += dict.fromkeys(f"- `{command_line(s)}`" for _, _, s in rows)  # seeds share one
     stem = RESULTS_DIR / f"results_table_{'_'.join(suites_run)}_{device}"
     for suite in suites_run:
-        plot_suite(table[suite]["label"], {k: v for k, v in groups.items() if k[0] == suite},
+        plot_suite(table[suite].label, {k: v for k, v in groups.items() if k[0] == suite},
                    RESULTS_DIR / f"results_{suite}_{device}.png")  # fmt: skip
         lines += ["", f"![{suite}](results_{suite}_{device}.png)"]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

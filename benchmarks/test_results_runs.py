@@ -1,0 +1,38 @@
+"""results_runs.py end to end on the digits smoke suite: parallel runs, kept runs, the tables."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import results_runs
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/results/ lands here
+    monkeypatch.setattr(results_runs, "RESULTS_DIR", tmp_path / "results")
+    return tmp_path
+
+
+def test_digits_smoke_suite_runs_in_parallel_and_tabulates(in_tmp, capsys):
+    argv = ["--suite", "digits-smoke", "--parallel", "2", "--threads", "1"]
+    results_runs.main([*argv, "--methods", "lsq"])  # BWRF rows: not trained, not shown
+    (table_json,) = (in_tmp / "results").glob("results_table_digits-smoke_*.json")
+    rows = json.loads(table_json.read_text())
+    assert sorted(r["run"] for r in rows) == ["fp", "lsq_w2a2", "lsq_w3a3", "lsq_w4a4"]
+    results_runs.main(argv)  # now the BWRF rows; the LSQ runs are kept, not trained again
+    out = capsys.readouterr().out
+    assert out.count("done before, kept") == 4
+    rows = json.loads(table_json.read_text())
+    assert len(rows) == 7 and {r["run"] for r in rows} >= {"bwrf_w2a2", "bwrf_w4a4"}
+    for r in rows:  # each row's records were copied beside the table
+        assert (in_tmp / "results" / "runs" / "digits-smoke" / r["run"] / "metrics.jsonl").is_file()
+    markdown = table_json.with_suffix(".md").read_text()
+    paired = [line for line in markdown.splitlines() if line.startswith("| digits") and
+              line.count("|") == 7]  # fmt: skip
+    assert len(paired) == 3  # BWRF − LSQ for each bit width
+    by_run = {r["run"]: r["final"]["acc"] for r in rows}
+    expected = by_run["bwrf_w2a2"] - by_run["lsq_w2a2"]
+    assert any(f"{expected:+.2f}" in line and "W2A2" in line for line in paired)
