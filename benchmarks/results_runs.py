@@ -120,9 +120,10 @@ def keep_records(suite: str, name: str) -> None:
 
 
 def machine(summary: dict) -> str:
-    """The summary's device; runs made before bwrf-train named the CPU model said only
-    "cpu (<arch>, N threads)": they ran here, so this machine's description stands in."""
-    device = summary["device"]
+    """The summary's device, with "N thread(s)" as "N threads". Runs made before bwrf-train
+    named the CPU model said only "cpu (<arch>, N threads)": they ran here, so this machine's
+    description stands in."""
+    device = summary["device"].replace("thread(s)", "threads")
     if device.startswith("cpu ("):
         tag, description = describe_device(torch.device("cpu"))
         return f"{description} ({tag}, {device.split(', ')[-1].rstrip(')')})"
