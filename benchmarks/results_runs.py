@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ class Suite:
     label: str
     fp_note: str
     data: list[str]  # --dataset, --data-dir, --model
-    fp: list[str]  # the FP run's own options
+    fp: Callable[[], list[str]]  # the FP run's own options (looked up only when chosen)
     qat_lr: float
     qat_epochs: int  # default; --epochs-qat overrides
 
@@ -61,7 +62,10 @@ class Suite:
 def suites() -> dict[str, Suite]:
     shared = default_shared_dir()
     cifar10 = ["--dataset", "cifar10", "--data-dir", str(shared / "data" / "cifar10_jpeg_q75")]
-    akamaster_fp = ["--init-from", str(akamaster_weights_path(20)), "--epochs", "1", "--lr", "0.01"]
+
+    def akamaster_fp() -> list[str]:  # needs ../shared/weights: only the CIFAR-10 suites call it
+        return ["--init-from", str(akamaster_weights_path(20)), "--epochs", "1", "--lr", "0.01"]
+
     fine_tuned = "akamaster ResNet-20 fine-tuned 1 epoch on the JPEG train split"
     return {
         "cifar10": Suite(CIFAR10_LABEL, fine_tuned, [*cifar10, "--model", "resnet20"],
@@ -69,18 +73,19 @@ def suites() -> dict[str, Suite]:
         "fashion-mnist": Suite(
             "Fashion-MNIST (exact, Debian package)",
             "ResNet-20 (1-channel stem) from scratch, 2 epochs",
-            ["--dataset", "fashion-mnist", "--model", "resnet20"], ["--epochs", "2", "--lr", "0.1"],
-            0.01, 1,
+            ["--dataset", "fashion-mnist", "--model", "resnet20"],
+            lambda: ["--epochs", "2", "--lr", "0.1"], 0.01, 1,
         ),
         "digits-smoke": Suite(  # seconds on a CPU: checks this script, measures nothing
             "digits (scikit-learn, smoke test)", "small CNN from scratch, 2 epochs",
-            ["--model", "small_cnn"], ["--epochs", "2", "--lr", "0.1"], 0.01, 1,
+            ["--model", "small_cnn"], lambda: ["--epochs", "2", "--lr", "0.1"], 0.01, 1,
         ),
         "cifar10-long": Suite(CIFAR10_LABEL, fine_tuned, [*cifar10, "--model", "resnet20"],
                               akamaster_fp, 0.01, 10),
         "cifar10-resnet18": Suite(
             CIFAR10_LABEL, "ResNet-18 (CIFAR stem) from scratch, 15 epochs, lr 0.1",
-            [*cifar10, "--model", "cifar_resnet18"], ["--epochs", "15", "--lr", "0.1"], 0.01, 5,
+            [*cifar10, "--model", "cifar_resnet18"], lambda: ["--epochs", "15", "--lr", "0.1"],
+            0.01, 5,
         ),
     }  # fmt: skip
 
@@ -110,6 +115,20 @@ def run(name: str, suite: str, options: list[str], extra: list[str], start: bool
                            f"{out / 'console.txt'}")  # fmt: skip
     print(f"[{suite}/{name}] done", flush=True)
     return json.loads((out / "summary.json").read_text())
+
+
+def run_all(jobs: list[tuple], parallel: int) -> list[dict | None]:
+    """``run(*job)`` for every job, ``parallel`` at a time. A failure or Ctrl-C starts no
+    queued run; those already training finish (or stop with their own Ctrl-C), then it raises."""
+    pool = ThreadPoolExecutor(parallel)
+    futures = [pool.submit(run, *job) for job in jobs]
+    try:
+        return [future.result() for future in futures]
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def keep_records(suite: str, name: str) -> None:
@@ -181,21 +200,21 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for suite in args.suite:
         spec = table[suite]
-        fp = run("fp", suite, [*spec.data, "--method", "fp", *spec.fp], extra, start)
+        fp = run("fp", suite, [*spec.data, "--method", "fp", *spec.fp()], extra, start)
         if fp is None:
             continue
         keep_records(suite, "fp")
         rows.append((suite, "fp", fp))
         epochs = args.epochs_qat or spec.qat_epochs
         jobs = []
-        for seed, (w, a), method in itertools.product(args.seeds, BITS, ("lsq", "bwrf")):
+        seeds = dict.fromkeys(args.seeds)  # a seed twice would be two runs in one folder
+        for seed, (w, a), method in itertools.product(seeds, BITS, ("lsq", "bwrf")):
             name = f"{method}_w{w}a{a}" + (f"_seed{seed}" if seed else "")
             options = [*spec.data, "--method", method, "--w-bits", str(w), "--a-bits", str(a),
                        "--init-from", str(RUNS / suite / "fp"), "--epochs", str(epochs),
                        "--lr", str(spec.qat_lr), "--seed", str(seed)]  # fmt: skip
             jobs.append((name, suite, options, extra, start and method in args.methods))
-        with ThreadPoolExecutor(args.parallel) as pool:
-            summaries = list(pool.map(lambda job: run(*job), jobs))
+        summaries = run_all(jobs, args.parallel)
         for (name, *_), summary in zip(jobs, summaries, strict=True):
             if summary is not None:
                 keep_records(suite, name)
@@ -301,13 +320,14 @@ def write_table(table: dict, rows: list[tuple[str, str, dict]]) -> None:
                  if method == "bwrf" and s["args"]["seed"] in lsq]  # fmt: skip
         if pairs:
             paired.append(
-                f"| {table[suite].label} | {bwrf[0]['model']} | W{w}A{a} | {len(pairs)} | "
+                f"| {table[suite].label} | {bwrf[0]['model']} | W{w}A{a} | {bwrf[0]['epochs']} | "
+                f"{len(pairs)} | "
                 f"{mean_sd(pairs, sign='+')} | {' / '.join(f'{d:+.2f}' for d in pairs)} |"
             )
     if paired:
         lines += ["", "BWRF − LSQ, paired by seed (same seed, same FP start):", "",
-                  "| data | model | bits | seeds | BWRF − LSQ (points) | per seed |",
-                  "|---|---|---|---:|---:|---|", *paired]  # fmt: skip
+                  "| data | model | bits | epochs | seeds | BWRF − LSQ (points) | per seed |",
+                  "|---|---|---|---:|---:|---:|---|", *paired]  # fmt: skip
     suites_run = sorted({suite for suite, _, _ in rows})
     notes = "; ".join(f"{table[k].label}: {table[k].fp_note}" for k in suites_run)
     lines += ["", f"FP rows: {notes}.", "", "Commands (seed <s> adds `--seed <s>`):", ""]

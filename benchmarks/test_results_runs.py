@@ -31,7 +31,7 @@ def test_digits_smoke_suite_runs_in_parallel_and_tabulates(in_tmp, capsys):
         assert (in_tmp / "results" / "runs" / "digits-smoke" / r["run"] / "metrics.jsonl").is_file()
     markdown = table_json.with_suffix(".md").read_text()
     paired = [line for line in markdown.splitlines() if line.startswith("| digits") and
-              line.count("|") == 7]  # fmt: skip
+              line.count("|") == 8]  # fmt: skip
     assert len(paired) == 3  # BWRF − LSQ for each bit width
     by_run = {r["run"]: r["final"]["acc"] for r in rows}
     expected = by_run["bwrf_w2a2"] - by_run["lsq_w2a2"]

@@ -182,7 +182,8 @@ def check_split(model: nn.Module, split: BlockSplit, example_input: torch.Tensor
     """Raises ValueError unless ``split(x)`` equals ``model(x)`` on ``example_input``.
 
     Runs under :func:`probing` (eval mode, quantizers off), so the check changes nothing in
-    the model; it compares the structure, which the quantizers do not change.
+    the model; it compares the structure, which the quantizers do not change (so a standalone
+    quantizer module the split leaves out goes unnoticed; ``quantize_model`` creates none).
 
     Args:
         model: the model.

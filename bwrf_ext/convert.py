@@ -205,7 +205,9 @@ def freeze_scales(model: nn.Module, frozen: bool = True) -> None:
 
 
 def set_data_parallel_size(model: nn.Module, size: int) -> None:
-    """Tells the activation quantizers of a model that ``size`` processes share each batch.
+    """Tells the input quantizers of a model's quantized layers that ``size`` processes share
+    each batch (a standalone activation ``LSQQuantizer`` is set directly: its
+    ``data_parallel_size``).
 
     LSQ's step-size gradient factor then counts the elements of the global batch, so gradients
     averaged over ``size`` processes (DistributedDataParallel) equal one process's gradient on

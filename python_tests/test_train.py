@@ -53,7 +53,8 @@ BAD_INPUTS = [
     (["--method", "lsq", "--branches", "1"], "--branches is for --method bwrf or blockkd, not lsq"),
     (["--method", "bwrf", "--branches", "0,1"], "--branches must be distinct block indices >= 1"),
     (["--method", "bwrf", "--branches", "1,x"], "like 1,2, or none; got '1,x'"),
-    (["--nesterov", "--optimizer", "adamw"], "--nesterov needs --optimizer sgd"),
+    (["--nesterov", "--optimizer", "adamw"], "needs --optimizer sgd with --momentum > 0, got "
+                                             "--optimizer adamw, --momentum 0.9"),
 ]
 
 
@@ -162,6 +163,19 @@ def test_resume_refuses_changed_options(fp_run, tmp_path, capsys):
     shutil.copytree(fp_run, out)
     assert main(["--resume", "--out", str(out), "--lr", "0.5"]) == 2
     assert "--lr 0.5 differs from the resumed run's" in capsys.readouterr().err
+
+
+def test_resume_of_a_checkpoint_older_than_an_option(fp_run, tmp_path, capsys):
+    """A checkpoint written before --nesterov/--branches existed resumes with their defaults."""
+    out = tmp_path / "old"
+    shutil.copytree(fp_run, out)
+    ckpt = load_checkpoint(out / "last.pt")
+    for newer in ("nesterov", "branches"):
+        del ckpt["args"][newer]
+    save_atomic(ckpt, out / "last.pt")
+    assert main(["--resume", "--out", str(out), "--nesterov"]) == 2
+    assert "--nesterov True differs from the resumed run's False" in capsys.readouterr().err
+    assert main(["--resume", "--out", str(out), "--no-progress"]) == 0
 
 
 class NotWeights:
@@ -287,7 +301,7 @@ def test_bwrf_without_branches_nor_kd_is_lsq(fp_run, tmp_path, capsys):
     # A block the split does not have: one line naming the option and the valid range.
     assert run_cli(["--method", "bwrf", "--branches", "7", *common], tmp_path / "r") == 2
     err = capsys.readouterr().err
-    assert "--branches (7,): BWRFConfig: branch 7 does not exist" in err and "1..2" in err
+    assert "--branches 7: BWRFConfig: branch 7 does not exist" in err and "1..2" in err
 
 
 def test_torchrun_bwrf(fp_run, tmp_path):

@@ -219,7 +219,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.nesterov and (args.optimizer != "sgd" or args.momentum <= 0):
-        raise UsageError("--nesterov needs --optimizer sgd with --momentum > 0")
+        raise UsageError(f"--nesterov needs --optimizer sgd with --momentum > 0, got --optimizer "
+                         f"{args.optimizer}, --momentum {args.momentum}")  # fmt: skip
     if args.lr is not None and not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.lr is None:

@@ -101,7 +101,7 @@ class _Run:
         return None
 
     def _resumed_args(self, args: argparse.Namespace, ckpt: dict) -> argparse.Namespace:
-        saved = dict(ckpt["args"])
+        saved = {**option_defaults(), **ckpt["args"]}  # options newer than the checkpoint
         for name in sorted(getattr(args, "explicit", set()) - RESUME_MAY_CHANGE):
             if getattr(args, name) != saved.get(name):
                 raise UsageError(
@@ -109,7 +109,7 @@ class _Run:
                     f"run's {saved.get(name)}; drop it or start a new --out"
                 )
         saved.update({name: getattr(args, name) for name in RESUME_MAY_CHANGE})
-        return argparse.Namespace(**{**option_defaults(), **saved})
+        return argparse.Namespace(**saved)
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
@@ -231,7 +231,8 @@ class _Run:
         try:
             config.resolve(len(split.blocks))
         except ValueError as error:
-            raise UsageError(f"--branches {self.args.branches}: {error}") from None
+            given = ",".join(map(str, self.args.branches)) or "none"
+            raise UsageError(f"--branches {given}: {error}") from None
 
     @torch.no_grad()
     def _calibrate(self, method: Method, data: ImageData) -> None:
