@@ -4,7 +4,8 @@ Usage: ``python benchmarks/results_runs.py [--suite cifar10 fashion-mnist] [--se
 [--parallel N] [--epochs-qat N] [--device cuda]``.
 
 Suites: ``cifar10`` and ``fashion-mnist`` are the CPU table (ResNet-20, one QAT epoch);
-``digits-smoke`` checks this script in seconds; ``cifar10-long`` (ResNet-20, 10 QAT epochs) and
+``cifar10-w2a2-4ep`` is the W2A2 row over 4 epochs from the ``cifar10`` FP run; ``digits-smoke``
+checks this script in seconds; ``cifar10-long`` (ResNet-20, 10 QAT epochs) and
 ``cifar10-resnet18`` (ResNet-18 trained from scratch 15 epochs, then 5 QAT epochs) are sized,
 by estimate, for one 9-minute GPU call (``benchmarks/gpu_session.sh train``).
 
@@ -57,6 +58,8 @@ class Suite:
     fp: Callable[[], list[str]]  # the FP run's own options (looked up only when chosen)
     qat_lr: float
     qat_epochs: int  # default; --epochs-qat overrides
+    bits: tuple[tuple[int, int], ...] = BITS
+    fp_suite: str | None = None  # start from another suite's FP run (None: its own)
 
 
 def suites() -> dict[str, Suite]:
@@ -79,6 +82,10 @@ def suites() -> dict[str, Suite]:
         "digits-smoke": Suite(  # seconds on a CPU: checks this script, measures nothing
             "digits (scikit-learn, smoke test)", "small CNN from scratch, 2 epochs",
             ["--model", "small_cnn"], lambda: ["--epochs", "2", "--lr", "0.1"], 0.01, 1,
+        ),
+        "cifar10-w2a2-4ep": Suite(  # the W2A2 row with 4 epochs, from the cifar10 FP run
+            CIFAR10_LABEL, fine_tuned, [*cifar10, "--model", "resnet20"], akamaster_fp, 0.01, 4,
+            bits=((2, 2),), fp_suite="cifar10",
         ),
         "cifar10-long": Suite(CIFAR10_LABEL, fine_tuned, [*cifar10, "--model", "resnet20"],
                               akamaster_fp, 0.01, 10),
@@ -200,18 +207,19 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for suite in args.suite:
         spec = table[suite]
-        fp = run("fp", suite, [*spec.data, "--method", "fp", *spec.fp()], extra, start)
+        fp_suite = spec.fp_suite or suite
+        fp = run("fp", fp_suite, [*spec.data, "--method", "fp", *spec.fp()], extra, start)
         if fp is None:
             continue
-        keep_records(suite, "fp")
+        keep_records(fp_suite, "fp")
         rows.append((suite, "fp", fp))
         epochs = args.epochs_qat or spec.qat_epochs
         jobs = []
         seeds = dict.fromkeys(args.seeds)  # a seed twice would be two runs in one folder
-        for seed, (w, a), method in itertools.product(seeds, BITS, ("lsq", "bwrf")):
+        for seed, (w, a), method in itertools.product(seeds, spec.bits, ("lsq", "bwrf")):
             name = f"{method}_w{w}a{a}" + (f"_seed{seed}" if seed else "")
             options = [*spec.data, "--method", method, "--w-bits", str(w), "--a-bits", str(a),
-                       "--init-from", str(RUNS / suite / "fp"), "--epochs", str(epochs),
+                       "--init-from", str(RUNS / fp_suite / "fp"), "--epochs", str(epochs),
                        "--lr", str(spec.qat_lr), "--seed", str(seed)]  # fmt: skip
             jobs.append((name, suite, options, extra, start and method in args.methods))
         summaries = run_all(jobs, args.parallel)
