@@ -14,6 +14,8 @@ is skipped, an interrupted one resumed, so the script can be restarted), up to `
 at a time after the FP run, then copies each run's raw records (metrics.jsonl, summary.json,
 log.txt, accuracy.png) to ``benchmarks/results/runs/<suite>/<name>/`` and writes the table to
 ``benchmarks/results/results_table_<suites>_<device>.md`` and ``.json`` with the commands.
+``--table-only`` starts no run; where ``runs/results`` lacks a run (a fresh clone), it
+tabulates the kept records.
 
 Every seed starts from the same FP model (trained once, seed 0); a seed changes the QAT run's
 data order, augmentation and initialisation of what it adds. The table gives the mean and
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -108,8 +111,9 @@ def run(name: str, suite: str, options: list[str], extra: list[str], start: bool
     if (out / "summary.json").is_file():
         print(f"[{suite}/{name}] done before, kept", flush=True)
         return json.loads((out / "summary.json").read_text())
-    if not start:
-        return None
+    if not start:  # tabulating only: a fresh clone has the kept records, not the runs
+        kept = RESULTS_DIR / "runs" / suite / name / "summary.json"
+        return json.loads(kept.read_text()) if kept.is_file() else None
     resume = ["--resume"] if (out / "last.pt").is_file() else []
     command = [sys.executable, "-m", "bwrf_ext.train", *options, "--out", str(out),
                "--no-progress", *resume, *extra]  # fmt: skip
@@ -140,20 +144,23 @@ def run_all(jobs: list[tuple], parallel: int) -> list[dict | None]:
 
 def keep_records(suite: str, name: str) -> None:
     source, target = RUNS / suite / name, RESULTS_DIR / "runs" / suite / name
+    if not source.is_dir():  # tabulated from the kept records themselves
+        return
     target.mkdir(parents=True, exist_ok=True)
     for file in ("metrics.jsonl", "summary.json", "log.txt", "accuracy.png"):
         shutil.copy2(source / file, target / file)
 
 
 def machine(summary: dict) -> str:
-    """The summary's device, with "N thread(s)" as "N threads". Runs made before bwrf-train
-    named the CPU model said only "cpu (<arch>, N threads)": they ran here, so this machine's
-    description stands in."""
-    device = summary["device"].replace("thread(s)", "threads")
+    """The summary's device, "N thread(s)" spelt out ("1 thread", "2 threads"). Runs made
+    before bwrf-train named the CPU model said only "cpu (<arch>, N threads)": they ran here,
+    so this machine's description stands in."""
+    device = summary["device"]
     if device.startswith("cpu ("):
         tag, description = describe_device(torch.device("cpu"))
-        return f"{description} ({tag}, {device.split(', ')[-1].rstrip(')')})"
-    return device
+        device = f"{description} ({tag}, {device.split(', ')[-1].rstrip(')')})"
+    return re.sub(r"\b(\d+) threads?(\(s\))?",
+                  lambda m: f"{m[1]} thread" + ("" if m[1] == "1" else "s"), device)
 
 
 def command_line(summary: dict) -> str:
@@ -296,6 +303,49 @@ def plot_suite(label: str, groups: dict[tuple, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_curves(label: str, runs: list[tuple[str, dict]], suite: str, path: Path) -> None:
+    """Test accuracy per epoch of a multi-epoch suite: LSQ, BWRF and each BWRF MP branch per
+    bit width, the seeds' mean as a line and ± their standard deviation as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    curves: dict[tuple[str, int, str], list[list[float]]] = {}  # (method, bits, key): per seed
+    for name, summary in runs:
+        if summary["method"] == "fp":
+            continue
+        history = [json.loads(line) for line in
+                   (RESULTS_DIR / "runs" / suite / name / "metrics.jsonl").read_text().splitlines()
+                   if line.strip()]  # fmt: skip
+        for key in (k for k in history[-1] if k == "acc" or k.startswith("acc_mp")):
+            curve = curves.setdefault((summary["method"], summary["w_bits"], key), [])
+            curve.append([row[key] for row in history])
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    for fp in (s for _, s in runs if s["method"] == "fp"):
+        ax.axhline(fp["final"]["acc"], color="gray", linestyle="--", label="FP")
+    for (method, bits, key), per_seed in sorted(curves.items()):
+        per_epoch = list(zip(*per_seed, strict=True))
+        epochs = range(1, len(per_epoch) + 1)
+        mean = [statistics.mean(v) for v in per_epoch]
+        sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_epoch]
+        name = method.upper() + (f" branch M{key[6:]}" if key != "acc" else "")
+        line = ax.plot(epochs, mean, marker="o", label=f"{name} W{bits}A{bits}",
+                       **({"linestyle": ":"} if key != "acc" else {}))[0]  # fmt: skip
+        ax.fill_between(epochs, [m - d for m, d in zip(mean, sd, strict=True)],
+                        [m + d for m, d in zip(mean, sd, strict=True)],
+                        color=line.get_color(), alpha=0.15)  # fmt: skip
+    seeds = len({s["args"]["seed"] for _, s in runs})
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)",
+           title=f"{label}, {seeds} seed" + ("s" if seeds > 1 else ""))  # fmt: skip
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_table(table: dict, rows: list[tuple[str, str, dict]]) -> None:
     device = describe_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))[0]
     groups = seed_groups(rows)
@@ -341,10 +391,17 @@ def write_table(table: dict, rows: list[tuple[str, str, dict]]) -> None:
     lines += ["", f"FP rows: {notes}.", "", "Commands (seed <s> adds `--seed <s>`):", ""]
     lines += dict.fromkeys(f"- `{command_line(s)}`" for _, _, s in rows)  # seeds share one
     stem = RESULTS_DIR / f"results_table_{'_'.join(suites_run)}_{device}"
-    for suite in suites_run:
-        plot_suite(table[suite].label, {k: v for k, v in groups.items() if k[0] == suite},
-                   RESULTS_DIR / f"results_{suite}_{device}.png")  # fmt: skip
-        lines += ["", f"![{suite}](results_{suite}_{device}.png)"]
+    for suite in suites_run:  # accuracy against bits, and per epoch where runs are longer
+        plots = []
+        if len(table[suite].bits) > 1:
+            plots.append(f"results_{suite}_{device}.png")
+            plot_suite(table[suite].label, {k: v for k, v in groups.items() if k[0] == suite},
+                       RESULTS_DIR / plots[-1])  # fmt: skip
+        runs = [(name, s) for k, name, s in rows if k == suite]
+        if max(s["epochs"] for _, s in runs if s["method"] != "fp") > 1:
+            plots.append(f"results_{suite}_curves_{device}.png")
+            plot_curves(table[suite].label, runs, suite, RESULTS_DIR / plots[-1])
+        lines += ["", *(f"![{suite}]({plot})" for plot in plots)]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     stem.with_suffix(".json").write_text(json.dumps(
         [{"suite": suite, "run": name, "command": command_line(s), **s} for suite, name, s in rows],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -36,3 +37,17 @@ def test_digits_smoke_suite_runs_in_parallel_and_tabulates(in_tmp, capsys):
     by_run = {r["run"]: r["final"]["acc"] for r in rows}
     expected = by_run["bwrf_w2a2"] - by_run["lsq_w2a2"]
     assert any(f"{expected:+.2f}" in line and "W2A2" in line for line in paired)
+    # A fresh clone has the kept records but no runs/: --table-only tabulates those
+    shutil.rmtree(in_tmp / "runs")
+    results_runs.main([*argv, "--table-only"])
+    assert json.loads(table_json.read_text()) == rows
+
+
+def test_multi_epoch_suite_plots_per_epoch_curves(in_tmp):
+    results_runs.main(["--suite", "digits-smoke", "--epochs-qat", "2", "--methods", "bwrf",
+                       "--threads", "1"])  # fmt: skip
+    (table_md,) = (in_tmp / "results").glob("results_table_digits-smoke_*.md")
+    (curves,) = (in_tmp / "results").glob("results_digits-smoke_curves_*.png")
+    assert f"]({curves.name})" in table_md.read_text()
+    history = (in_tmp / "results" / "runs" / "digits-smoke" / "bwrf_w2a2" / "metrics.jsonl")
+    assert len(history.read_text().splitlines()) == 2  # the curve's two epochs
