@@ -6,8 +6,9 @@ Usage: ``python benchmarks/results_runs.py [--suite cifar10 fashion-mnist] [--se
 Suites: ``cifar10`` and ``fashion-mnist`` are the CPU table (ResNet-20, one QAT epoch);
 ``cifar10-w2a2-4ep`` and ``cifar10-w4a4-4ep`` are the W2A2 and W4A4 rows over 4 epochs from
 the ``cifar10`` FP run; ``digits-smoke`` checks this script in seconds; ``cifar10-long``
-(ResNet-20, 10 QAT epochs) and ``cifar10-resnet18`` (ResNet-18 trained from scratch 15 epochs, then 5 QAT epochs) are sized,
-by estimate, for one 9-minute GPU call (``benchmarks/gpu_session.sh train``).
+(ResNet-20, 10 QAT epochs) and ``cifar10-resnet18`` (ResNet-18 trained from scratch 15
+epochs, then 5 QAT epochs) are sized, by estimate, for one 9-minute GPU call
+(``benchmarks/gpu_session.sh train``).
 
 Runs ``bwrf-train`` once per row (each run in ``runs/results/<suite>/<name>``; a finished run
 is skipped, an interrupted one resumed, so the script can be restarted), up to ``--parallel``
