@@ -4,7 +4,7 @@ Usage: ``python benchmarks/results_runs.py [--suite cifar10 fashion-mnist] [--se
 [--parallel N] [--epochs-qat N] [--device cuda]``.
 
 Suites: ``cifar10`` and ``fashion-mnist`` are the CPU table (ResNet-20, one QAT epoch);
-``cifar10-w2a2-4ep`` and ``cifar10-w4a4-4ep`` are the W2A2 and W4A4 rows over 4 epochs from
+``cifar10-w<b>a<b>-4ep`` (b = 2, 3, 4) are one row each over 4 epochs from
 the ``cifar10`` FP run; ``digits-smoke`` checks this script in seconds; ``cifar10-long``
 (ResNet-20, 10 QAT epochs) and ``cifar10-resnet18`` (ResNet-18 trained from scratch 15
 epochs, then 5 QAT epochs) are sized, by estimate, for one 9-minute GPU call
@@ -87,14 +87,6 @@ def suites() -> dict[str, Suite]:
             "digits (scikit-learn, smoke test)", "small CNN from scratch, 2 epochs",
             ["--model", "small_cnn"], lambda: ["--epochs", "2", "--lr", "0.1"], 0.01, 1,
         ),
-        "cifar10-w2a2-4ep": Suite(  # the W2A2 row with 4 epochs, from the cifar10 FP run
-            CIFAR10_LABEL, fine_tuned, [*cifar10, "--model", "resnet20"], akamaster_fp, 0.01, 4,
-            bits=((2, 2),), fp_suite="cifar10",
-        ),
-        "cifar10-w4a4-4ep": Suite(  # the same for W4A4: does the 1-epoch lead last?
-            CIFAR10_LABEL, fine_tuned, [*cifar10, "--model", "resnet20"], akamaster_fp, 0.01, 4,
-            bits=((4, 4),), fp_suite="cifar10",
-        ),
         "cifar10-long": Suite(CIFAR10_LABEL, fine_tuned, [*cifar10, "--model", "resnet20"],
                               akamaster_fp, 0.01, 10),
         "cifar10-resnet18": Suite(
@@ -102,6 +94,12 @@ def suites() -> dict[str, Suite]:
             [*cifar10, "--model", "cifar_resnet18"], lambda: ["--epochs", "15", "--lr", "0.1"],
             0.01, 5,
         ),
+        **{  # one row over 4 epochs from the cifar10 FP run: does the 1-epoch difference last?
+            f"cifar10-w{b}a{b}-4ep": Suite(CIFAR10_LABEL, fine_tuned,
+                                           [*cifar10, "--model", "resnet20"], akamaster_fp, 0.01,
+                                           4, bits=((b, b),), fp_suite="cifar10")
+            for b in (2, 3, 4)
+        },
     }  # fmt: skip
 
 
