@@ -338,7 +338,7 @@ def plot_curves(label: str, runs: list[tuple[str, dict]], suite: str, path: Path
         ax.fill_between(epochs, [m - d for m, d in zip(mean, sd, strict=True)],
                         [m + d for m, d in zip(mean, sd, strict=True)],
                         color=line.get_color(), alpha=0.15)  # fmt: skip
-    seeds = len({s["args"]["seed"] for _, s in runs})
+    seeds = len({s["args"]["seed"] for _, s in runs if s["method"] != "fp"})
     ax.set(xlabel="epoch", ylabel="test accuracy (%)",
            title=f"{label}, {seeds} seed" + ("s" if seeds > 1 else ""))  # fmt: skip
     ax.xaxis.get_major_locator().set_params(integer=True)
