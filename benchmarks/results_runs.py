@@ -401,7 +401,7 @@ def write_table(table: dict, rows: list[tuple[str, str, dict]]) -> None:
             plot_suite(table[suite].label, {k: v for k, v in groups.items() if k[0] == suite},
                        RESULTS_DIR / plots[-1])  # fmt: skip
         runs = [(name, s) for k, name, s in rows if k == suite]
-        if max(s["epochs"] for _, s in runs if s["method"] != "fp") > 1:
+        if max((s["epochs"] for _, s in runs if s["method"] != "fp"), default=0) > 1:
             plots.append(f"results_{suite}_curves_{device}.png")
             plot_curves(table[suite].label, runs, suite, RESULTS_DIR / plots[-1])
         lines += ["", *(f"![{suite}]({plot})" for plot in plots)]
