@@ -50,7 +50,7 @@ def build_model(variant: str, device: torch.device, seed: int = 0) -> nn.Module:
         config = bwrf_ext.QuantConfig()
     elif variant == "composite":
         # The composite clamps x/s before rounding, so it needs the paper's clip test.
-        config = bwrf_ext.QuantConfig(impl="composite", clip_before_round=True)
+        config = bwrf_ext.QuantConfig(impl="composite")
     else:
         raise ValueError(f"build_model: variant must be one of {VARIANTS}, got {variant!r}")
     return bwrf_ext.quantize_model(model, W_BITS, A_BITS, config=config, inplace=True)

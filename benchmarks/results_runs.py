@@ -64,6 +64,7 @@ class Suite:
     qat_epochs: int  # default; --epochs-qat overrides
     bits: tuple[tuple[int, int], ...] = BITS
     fp_suite: str | None = None  # start from another suite's FP run (None: its own)
+    qat_options: tuple[str, ...] = ()  # bwrf-train options of every QAT run (e.g. --step-init)
 
 
 def suites() -> dict[str, Suite]:
@@ -94,6 +95,13 @@ def suites() -> dict[str, Suite]:
             [*cifar10, "--model", "cifar_resnet18"], lambda: ["--epochs", "15", "--lr", "0.1"],
             0.01, 5,
         ),
+        **{  # the step-size inits side by side (issue 16): LSQ one epoch from the cifar10 FP run
+            f"cifar10-init-{init}": Suite(f"{CIFAR10_LABEL}, step init {init}", fine_tuned,
+                                          [*cifar10, "--model", "resnet20"], akamaster_fp, 0.01,
+                                          1, fp_suite="cifar10",
+                                          qat_options=("--step-init", init))
+            for init in ("lsq", "absmax", "mse")
+        },
         **{  # one row over 4 epochs from the cifar10 FP run: does the 1-epoch difference last?
             f"cifar10-w{b}a{b}-4ep": Suite(CIFAR10_LABEL, fine_tuned,
                                            [*cifar10, "--model", "resnet20"], akamaster_fp, 0.01,
@@ -178,6 +186,9 @@ def command_line(summary: dict) -> str:
     if args.get("init_from"):
         parts += ["--init-from", args["init_from"]]
     parts += ["--epochs", str(args["epochs"]), "--lr", str(args["lr"])]
+    for option in ("step_init", "clip_test"):  # quantizer options, where a run set them
+        if args.get(option) is not None and args["method"] != "fp":
+            parts += [f"--{option.replace('_', '-')}", str(args[option])]
     return " ".join(parts).replace(str(default_shared_dir()), "../shared")
 
 
@@ -214,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     extra = [f"--{k}={v}" for k, v in (("threads", args.threads), ("device", args.device),
                                        ("workers", args.workers)) if v is not None]  # fmt: skip
     start = not args.table_only
-    rows = []
+    rows, jobs = [], []
     for suite in args.suite:
         spec = table[suite]
         fp_suite = spec.fp_suite or suite
@@ -224,19 +235,20 @@ def main(argv: list[str] | None = None) -> None:
         keep_records(fp_suite, "fp")
         rows.append((suite, "fp", fp))
         epochs = args.epochs_qat or spec.qat_epochs
-        jobs = []
         seeds = dict.fromkeys(args.seeds)  # a seed twice would be two runs in one folder
         for seed, (w, a), method in itertools.product(seeds, spec.bits, ("lsq", "bwrf")):
             name = f"{method}_w{w}a{a}" + (f"_seed{seed}" if seed else "")
             options = [*spec.data, "--method", method, "--w-bits", str(w), "--a-bits", str(a),
                        "--init-from", str(RUNS / fp_suite / "fp"), "--epochs", str(epochs),
-                       "--lr", str(spec.qat_lr), "--seed", str(seed)]  # fmt: skip
+                       "--lr", str(spec.qat_lr), "--seed", str(seed),
+                       *spec.qat_options]  # fmt: skip
             jobs.append((name, suite, options, extra, start and method in args.methods))
-        summaries = run_all(jobs, args.parallel)
-        for (name, *_), summary in zip(jobs, summaries, strict=True):
-            if summary is not None:
-                keep_records(suite, name)
-                rows.append((suite, name, summary))
+    # Every suite's runs in one queue, so no core waits for the end of a suite.
+    summaries = run_all(jobs, args.parallel)
+    for (name, suite, *_), summary in zip(jobs, summaries, strict=True):
+        if summary is not None:
+            keep_records(suite, name)
+            rows.append((suite, name, summary))
     if rows:
         write_table(table, rows)
 

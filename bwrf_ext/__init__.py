@@ -4,6 +4,7 @@ from bwrf_ext._backend import build_info
 from bwrf_ext.blocks import BlockSplit, FrozenPartner, split_model
 from bwrf_ext.convert import (
     LayerReport,
+    calibrate,
     freeze_scales,
     quantization_report,
     quantize_model,
@@ -48,6 +49,7 @@ __all__ = [
     "QuantLinear",
     "QuantizedLayer",
     "build_info",
+    "calibrate",
     "export_onnx",
     "dkd_loss",
     "export_quantized",

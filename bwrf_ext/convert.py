@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 from torch import nn
 
 from bwrf_ext.nn.layers import QuantConv2d, QuantLinear
@@ -188,6 +189,78 @@ def quantization_report(model: nn.Module) -> list[LayerReport]:
         elif type(module) in _QUANT_TYPE_OF:
             report.append(LayerReport(name, type(module).__name__, None, None))
     return report
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, *inputs: torch.Tensor, **kwargs) -> list[str]:
+    """Initialises every quantizer's step size from one training-mode forward of a batch.
+
+    Training runs BatchNorm on batch statistics, so the step sizes are set for the activations
+    training will see: the forward runs in train mode (calibrating in eval mode would push the
+    quantized layers' outputs through the FP model's running statistics, which no longer fit
+    them). Afterwards every buffer other than the quantizers' own (BatchNorm running statistics
+    and ``num_batches_tracked`` included), every parameter other than the step sizes, each
+    module's train/eval mode and the random number generators are exactly as they were.
+
+    Quantizers initialised before are initialised again from this batch; disabled ones (see
+    :func:`set_quantization_enabled`) and ones the forward does not reach are left as they are.
+
+    Args:
+        model: a model holding LSQQuantizers (after :func:`quantize_model`, or a wrapper such
+            as BWRF's, whose forward then takes its own arguments).
+        *inputs, **kwargs: what ``model(...)`` takes, typically one batch of training images.
+
+    Returns:
+        The qualified names of the quantizers this forward initialised, in call order.
+
+    Raises:
+        ValueError: the model holds no LSQQuantizer, or a quantizer's input in this batch
+            holds a NaN or an infinity (the message names the quantizer); the step sizes are
+            then left as they were.
+    """
+    quantizers = {m: name for name, m in model.named_modules() if isinstance(m, LSQQuantizer)}
+    if not quantizers:
+        raise ValueError(
+            f"calibrate: {type(model).__name__} holds no LSQQuantizer; quantize it first "
+            "(bwrf_ext.quantize_model)"
+        )
+    own_buffers = {id(b) for q in quantizers for b in q.buffers()}
+    saved = [(b, b.clone()) for b in model.buffers() if id(b) not in own_buffers]
+    modes = [(m, m.training) for m in model.modules()]
+    initialised: list[str] = []
+
+    def check_and_reset(quantizer: LSQQuantizer, args: tuple) -> None:
+        if not quantizer.enabled:
+            return
+        name = quantizers[quantizer] or "the model itself"
+        if not bool(torch.isfinite(args[0]).all()):
+            raise ValueError(
+                f"calibrate: the input of quantizer {name} holds non-finite values (NaN or "
+                "inf); a step size set from it would disable the layer. Calibrate on finite data"
+            )
+        if name not in initialised:  # a module called twice keeps its first batch's step
+            quantizer.reset_initialization()
+            initialised.append(name)
+
+    hooks = [q.register_forward_pre_hook(check_and_reset) for q in quantizers]
+    before = {q: {k: v.clone() for k, v in q.state_dict().items()} for q in quantizers}
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.train()
+            model(*inputs, **kwargs)
+    except BaseException:  # a failed calibration leaves every step size as it was
+        for quantizer, state in before.items():
+            quantizer.load_state_dict(state)
+        raise
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in modes:
+            module.training = training
+        for buffer, value in saved:
+            buffer.copy_(value)
+    return initialised
 
 
 def set_quantization_enabled(model: nn.Module, enabled: bool = True) -> None:

@@ -282,7 +282,7 @@ def test_compile_fullgraph_matches_eager():
 def test_compile_fullgraph_captures_converted_resnet20():
     """The whole converted ResNet-20 is one graph (dynamo + AOT autograd, no codegen)."""
     torch.manual_seed(0)
-    model = quantize_model(resnet20(), 4, 4, config=QuantConfig(clip_before_round=True))
+    model = quantize_model(resnet20(), 4, 4, config=QuantConfig(clip_test="before_round"))
     x = torch.randn(2, 3, 32, 32)
     model(x)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

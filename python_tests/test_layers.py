@@ -50,11 +50,12 @@ def test_invalid_bits_are_rejected(bits):
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("axis", [None, 1])
 def test_quantizer_matches_torch_learnable_fake_quant(signed, axis):
-    """Values, grad_x and grad_scale equal PyTorch's op with g = 1/sqrt(N*qmax)."""
+    """With ATen's clip test, values, grad_x and grad_scale equal PyTorch's op with
+    g = 1/sqrt(N*qmax)."""
     torch.manual_seed(0)
     x = torch.randn(4, 6, 5, 5) * 2
     channels = x.shape[1] if axis is not None else None
-    quantizer = _initialized(LSQQuantizer(3, signed, axis, channels), x)
+    quantizer = _initialized(LSQQuantizer(3, signed, axis, channels, clip_test="after_round"), x)
     qmin, qmax = quant_range(3, signed)
     elements_per_scale = x.numel() // (channels or 1)
 
@@ -117,6 +118,44 @@ def test_absmax_init_and_zero_channel_fallback():
     tensor_mean = weight.abs().mean()
     expected = torch.stack([torch.tensor(2.0), tensor_mean, torch.tensor(0.375)])
     torch.testing.assert_close(lsq, 2 * expected / math.sqrt(7))
+
+
+def _quantization_error(v: torch.Tensor, step: float, qmin: int, qmax: int) -> float:
+    v = v.double()
+    return float(((torch.clamp(torch.round(v / step), qmin, qmax) * step - v) ** 2).sum())
+
+
+@pytest.mark.parametrize(("qmin", "qmax"), [(-2, 1), (0, 3), (-8, 7)])
+def test_mse_init_is_the_least_error_step_of_its_grid(qmin, qmax):
+    torch.manual_seed(0)
+    v = torch.randn(3, 500) * torch.tensor([[0.1], [1.0], [5.0]])
+    v[1, 7] = 12.0  # an outlier: absmax would waste the range on it
+    if qmin == 0:
+        v = v.abs()
+    steps = init_step_size(v, qmax, axis=0, method="mse", qmin=qmin)
+    for row, step in zip(v, steps, strict=True):
+        # Oracle: the same grid searched in float64, one candidate at a time.
+        grid = [c / 100 * float(row.abs().max()) / qmax for c in range(1, 101)]
+        errors = [_quantization_error(row, g, qmin, qmax) for g in grid]
+        best = grid[min(range(100), key=errors.__getitem__)]
+        assert float(step) == pytest.approx(best, rel=1e-5)
+        for other in ("lsq", "absmax"):
+            alternative = float(init_step_size(row, qmax, None, other, qmin))
+            assert _quantization_error(row, float(step), qmin, qmax) <= _quantization_error(
+                row, alternative, qmin, qmax
+            )
+    per_tensor = init_step_size(v, qmax, None, "mse", qmin)
+    assert per_tensor.shape == ()
+
+
+def test_mse_init_through_the_config():
+    conv = nn.Conv2d(4, 6, 3)
+    layer = QuantConv2d.from_float(conv, 2, 2, QuantConfig(init="mse"))
+    expected = init_step_size(conv.weight, 1, axis=0, method="mse", qmin=-2)
+    torch.testing.assert_close(layer.weight_quantizer.scale.detach(), expected)
+    assert "init=mse" in repr(layer.weight_quantizer)
+    with pytest.raises(ValueError, match="init must be one of lsq, absmax, mse, got 'best'"):
+        LSQQuantizer(2, init="best")
 
 
 @pytest.mark.parametrize(("signed", "expected_range"), [(False, (0, 15)), (True, (-8, 7))])
@@ -196,11 +235,12 @@ def test_step_size_stays_positive(stored):
 
 
 def test_extra_repr_says_what_the_quantizer_does():
-    quantizer = LSQQuantizer(4, signed="auto", clip_before_round=True)
+    quantizer = LSQQuantizer(4, signed="auto", clip_test="after_round")
     assert "bits=4" in repr(quantizer) and "uninitialized" in repr(quantizer)
     quantizer(torch.rand(8))
     text = repr(quantizer)
-    assert "range=[0, 15]" in text and "per_tensor" in text and "clip_before_round" in text
+    assert "range=[0, 15]" in text and "per_tensor" in text and "clip_test=after_round" in text
+    assert "clip_test" not in repr(LSQQuantizer(4))  # the default, the paper's, goes unsaid
     per_channel = LSQQuantizer(8, True, axis=0, num_channels=3, init="absmax")
     assert "per_channel(axis=0, channels=3)" in repr(per_channel) and "absmax" in repr(per_channel)
 
@@ -217,13 +257,13 @@ def test_low_precision_input_with_fp32_scale(dtype):
     assert y.dtype == dtype and torch.equal(y, expected)
 
 
-def test_composite_impl_matches_fused_with_clip_before_round():
+def test_composite_impl_matches_fused_with_the_papers_clip_test():
     torch.manual_seed(0)
     x = torch.randn(8, 4, 6, 6)
     results = []
     for impl in ("fused", "composite"):
         quantizer = _initialized(
-            LSQQuantizer(3, True, axis=1, num_channels=4, clip_before_round=True, impl=impl), x
+            LSQQuantizer(3, True, axis=1, num_channels=4, clip_test="before_round", impl=impl), x
         )
         xi = x.clone().requires_grad_()
         y = quantizer(xi)
@@ -236,9 +276,11 @@ def test_composite_impl_matches_fused_with_clip_before_round():
     torch.testing.assert_close(gs_f, gs_c, rtol=1e-4, atol=1e-6)
 
 
-def test_composite_requires_clip_before_round():
-    with pytest.raises(ValueError, match="clip_before_round"):
-        LSQQuantizer(4, impl="composite")
+def test_composite_requires_the_papers_clip_test():
+    with pytest.raises(ValueError, match="clip_test='before_round'"):
+        LSQQuantizer(4, impl="composite", clip_test="after_round")
+    with pytest.raises(ValueError, match="clip_test must be 'before_round'.*got True"):
+        LSQQuantizer(4, clip_test=True)
 
 
 CONV_CASES = {

@@ -55,6 +55,8 @@ BAD_INPUTS = [
     (["--method", "bwrf", "--branches", "1,x"], "like 1,2, or none; got '1,x'"),
     (["--nesterov", "--optimizer", "adamw"], "needs --optimizer sgd with --momentum > 0, got "
                                              "--optimizer adamw, --momentum 0.9"),
+    (["--step-init", "mse"], "--step-init sets the quantizers: it needs a quantized model"),
+    (["--method", "lsq", "--clip-test", "after"], "--clip-test: invalid choice: 'after'"),
 ]
 
 
@@ -176,6 +178,21 @@ def test_resume_of_a_checkpoint_older_than_an_option(fp_run, tmp_path, capsys):
     assert main(["--resume", "--out", str(out), "--nesterov"]) == 2
     assert "--nesterov True differs from the resumed run's False" in capsys.readouterr().err
     assert main(["--resume", "--out", str(out), "--no-progress"]) == 0
+
+
+def test_resume_of_a_checkpoint_older_than_clip_test_keeps_atens(fp_run, tmp_path, capsys):
+    """Before --clip-test existed every run used ATen's test: a resumed one goes on with it."""
+    out = tmp_path / "old-lsq"
+    assert run_cli(["--method", "lsq", "--w-bits", "2", "--a-bits", "2", "--init-from",
+                    str(fp_run), "--epochs", "2"], out) == 0  # fmt: skip
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["args"]["clip_test"] == "before_round" and ckpt["args"]["step_init"] == "lsq"
+    del ckpt["args"]["clip_test"]
+    save_atomic(ckpt, out / "last.pt")
+    assert main(["--resume", "--out", str(out), "--clip-test", "before_round"]) == 2
+    assert "--clip-test before_round differs from the resumed run's after_round" in (
+        capsys.readouterr().err
+    )
 
 
 class NotWeights:

@@ -31,7 +31,7 @@ class _QuantLayerMixin:
             config: the quantizer options.
         """
         common = dict(
-            clip_before_round=config.clip_before_round,
+            clip_test=config.clip_test,
             impl=config.impl,
             eps=config.eps,
             init=config.init,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bwrf_ext.data import AUGMENTS, DATASETS
+from bwrf_ext.nn.quantizer import CLIP_TESTS, INIT_METHODS
 from bwrf_ext.train.checkpoint import CheckpointError
 from bwrf_ext.train.methods import METHODS
 
@@ -28,6 +29,9 @@ DEFAULT_MODEL = {
 RESUME_MAY_CHANGE = {
     "resume", "out", "device", "threads", "progress", "tensorboard", "workers", "overwrite"
 }
+# What a checkpoint written before an option existed ran with, where that differs from the
+# option's default today (the default changed when the option came).
+LEGACY_DEFAULTS = {"clip_test": "after_round"}
 
 
 class UsageError(ValueError):
@@ -59,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--first-last-bits", type=int, default=8,
         help="bits of the first and last layer; 0 keeps them in full precision",
+    )  # fmt: skip
+    what.add_argument(
+        "--step-init", default="lsq", choices=INIT_METHODS,
+        help="step-size initialisation on the calibration batch: lsq (2*mean|v|/sqrt(qmax), the "
+        "LSQ paper's), absmax (max|v|/qmax) or mse (least quantization error)",
+    )  # fmt: skip
+    what.add_argument(
+        "--clip-test", default="before_round", choices=CLIP_TESTS,
+        help="where LSQ's backward tests the clip range: before_round (on x/s, the LSQ paper's) "
+        "or after_round (ATen's fake-quant, for parity with PyTorch)",
     )  # fmt: skip
     what.add_argument(
         "--init-from", default=None,
@@ -195,6 +209,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 f"--first-last-bits must be 0 (full precision) or in [{lo}, {hi}], got "
                 f"{args.first_last_bits}"
             )
+    for name in ("step_init", "clip_test"):
+        if name in args.explicit and not quantized and not args.resume:
+            raise UsageError(f"--{name.replace('_', '-')} sets the quantizers: it needs a "
+                             f"quantized model (--method lsq/bwrf, or --w-bits), not --method "
+                             f"{args.method} in full precision")  # fmt: skip
     if args.method == "blockkd" and args.teacher_from is None and not args.resume:
         raise UsageError("--method blockkd needs --teacher-from: the weights of the teacher")
     if args.method != "blockkd" and args.teacher_from is not None:
@@ -260,8 +279,10 @@ def parse_branches(text: str) -> tuple[int, ...]:
 
 
 def option_defaults() -> dict[str, Any]:
-    """Every option's default: what a checkpoint written before an option existed ran with."""
-    return {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
+    """What a checkpoint written before an option existed ran with: the option's default, or
+    the old behaviour where the default changed when the option came (LEGACY_DEFAULTS)."""
+    defaults = {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
+    return {**defaults, **LEGACY_DEFAULTS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,8 +163,9 @@ class _Run:
         quantized = args.w_bits is not None
         net = model
         if quantized:
+            config = bwrf_ext.QuantConfig(clip_test=args.clip_test, init=args.step_init)
             net = bwrf_ext.quantize_model(
-                model, args.w_bits, args.a_bits, args.first_last_bits or None
+                model, args.w_bits, args.a_bits, args.first_last_bits or None, config=config
             )
         if args.sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -236,15 +237,16 @@ class _Run:
 
     @torch.no_grad()
     def _calibrate(self, method: Method, data: ImageData) -> None:
-        """LSQ-initialises the step sizes on one fixed batch, the same on every rank."""
+        """Initialises the step sizes on one fixed batch (the same on every rank) in train
+        mode, as training runs; BatchNorm's running statistics stay those of the FP weights."""
         g = torch.Generator().manual_seed(self.args.seed)
         count = min(self.args.batch_size, len(data.train))
         indices = torch.randperm(len(data.train), generator=g)[:count].tolist()
         x = torch.stack([data.train[i][0] for i in indices]).to(self.dist.device)
-        model = method.model
-        model.eval()  # running BatchNorm statistics stay those of the FP weights
-        model(x)
-        model.train()
+        try:
+            bwrf_ext.calibrate(method.model, x)
+        except ValueError as error:
+            raise RunError(str(error)) from None
 
     def _optimizer(self, method: Method, steps_per_epoch: int):
         args = self.args
