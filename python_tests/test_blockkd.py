@@ -74,7 +74,8 @@ def test_loss_and_gradients_match_plain_autograd():
     teacher, student = _teacher(), _student()
     x, y = _batch()
     alpha, beta, gamma, t = 0.7, 0.6, 0.3, 3.0
-    config = BlockKDConfig(alpha=alpha, beta=beta, gamma=gamma, temperature=t)
+    config = BlockKDConfig(alpha=alpha, beta=beta, gamma=gamma, temperature=t, stones=(1, 2),
+                           ensemble_gate="always")  # fmt: skip
     blockkd = BlockKD(student, teacher, config).train()
     oracle_student = copy.deepcopy(student)
     c1, c2 = copy.deepcopy(blockkd.connector(1)), copy.deepcopy(blockkd.connector(2))
@@ -117,8 +118,8 @@ def test_total_is_the_documented_combination_of_the_reported_terms():
     """Recomputes the total from ``losses`` with the documented weights, not loss_weights."""
     teacher, student = _teacher(), _student()
     alpha, beta, gamma = 0.5, 2.0, 0.25
-    config = BlockKDConfig(alpha=alpha, beta=beta, gamma=gamma, stones=(1, 2, 3))
-    out = BlockKD(student, teacher, config).train()(*_batch())
+    config = BlockKDConfig(alpha=alpha, beta=beta, gamma=gamma, ensemble_gate="always")
+    out = BlockKD(student, teacher, config).train()(*_batch())  # stones 1..n by default
     terms = out.losses
     n = 3
 
@@ -169,7 +170,8 @@ def test_ensemble_target_is_detached_by_default():
     """student_ens moves the connectors only when the ensemble target is not detached."""
     for detach in (True, False):
         teacher, student = _teacher(), _student()
-        blockkd = BlockKD(student, teacher, BlockKDConfig(detach_ensemble=detach)).train()
+        config = BlockKDConfig(detach_ensemble=detach, ensemble_gate="always")
+        blockkd = BlockKD(student, teacher, config).train()
         out = blockkd(*_batch())
         out.losses["student_ens"].backward()
         grad = blockkd.connector(1).conv.weight.grad
@@ -232,7 +234,7 @@ def test_parameters_state_and_eval_mode():
     own = [*student.parameters(), *blockkd.connectors.parameters()]
     assert [id(p) for p in blockkd.parameters()] == [id(p) for p in own]
     assert [id(p) for p in blockkd.student_parameters()] == [id(p) for p in student.parameters()]
-    keys = list(blockkd.state_dict())
+    keys = [k for k in blockkd.state_dict() if k != "steps_done"]  # the warm-up's step count
     assert keys[: len(student.state_dict())] == [f"student.{k}" for k in student.state_dict()]
     assert all(k.startswith(("student.", "connectors.")) for k in keys)
     assert blockkd.teacher is teacher
@@ -265,7 +267,8 @@ def test_no_stones_is_plain_kd():
 def test_dkd_and_custom_kd_are_pluggable():
     teacher, student = _teacher(), _student()
     x, y = _batch()
-    config = BlockKDConfig(kd="dkd", dkd_tckd_weight=2.0, dkd_nckd_weight=3.0, temperature=5.0)
+    config = BlockKDConfig(kd="dkd", dkd_tckd_weight=2.0, dkd_nckd_weight=3.0, temperature=5.0,
+                           stones=(1, 2))  # fmt: skip
     out = BlockKD(student, teacher, config).train()(x, y)
     torch.testing.assert_close(out.losses["stone1_kd"], dkd_loss(
         out.stone_logits[1], out.teacher_logits, y, 5.0, 2.0, 3.0))
@@ -277,7 +280,8 @@ def test_dkd_and_custom_kd_are_pluggable():
         seen.append((labels, temperature))
         return (student_logits - target_logits).square().mean()
 
-    out = BlockKD(_student(), _teacher(), BlockKDConfig(kd=mse_kd, temperature=1.5))(x, y)
+    config = BlockKDConfig(kd=mse_kd, temperature=1.5, stones=(1, 2))
+    out = BlockKD(_student(), _teacher(), config)(x, y)
     torch.testing.assert_close(
         out.losses["student_kd"], (out.student_logits - out.teacher_logits).square().mean()
     )
@@ -340,7 +344,7 @@ def test_default_connector_resizes_between_spatial_sizes():
     for shape in (SHAPE, (2, 3, 32, 32)):  # the ratio holds at every resolution
         out = blockkd(*_batch(shape=shape))
         out.loss.backward()
-        assert sorted(out.stone_logits) == [1, 2]
+        assert sorted(out.stone_logits) == [1, 2, 3]
     assert student.stem.weight.grad.abs().sum() > 0
 
 
@@ -368,11 +372,11 @@ def test_shape_mismatches_name_the_block_and_the_shapes():
         r"\(2, 48, 16, 16\), but teacher block 3 takes teacher block 2's output shape "
         r"\(2, 32, 16, 16\)"
     )):
-        BlockKD(_student(), teacher, connectors=wrong)
+        BlockKD(_student(), teacher, BlockKDConfig(stones=(1, 2)), connectors=wrong)
     # A connector built for one resolution, run at another: caught at the forward.
     fixed = {1: nn.Conv2d(16, 16, 1),
              2: nn.Sequential(nn.Upsample(size=(16, 16)), nn.Conv2d(32, 32, 1))}
-    blockkd = BlockKD(_student(), teacher, connectors=fixed).train()
+    blockkd = BlockKD(_student(), teacher, BlockKDConfig(stones=(1, 2)), connectors=fixed).train()
     with pytest.raises(ValueError, match=(
         r"stone 2: .* student block 2's output \(4, 32, 8, 8\) to \(4, 32, 16, 16\), but "
         r"teacher block 3 takes teacher block 2's output shape \(4, 32, 8, 8\)"
@@ -423,7 +427,7 @@ def test_config_and_input_errors():
         BlockKD(_student(), model, teacher_split=split)
 
 
-ZOO_PAIRS = [(resnet32x4, resnet8x4, 2), (wrn_40_2, wrn_16_2, 2)]
+ZOO_PAIRS = [(resnet32x4, resnet8x4, 3), (wrn_40_2, wrn_16_2, 3)]
 
 
 @pytest.mark.parametrize(("make_teacher", "make_student", "stones"), ZOO_PAIRS)
@@ -448,8 +452,59 @@ def test_torchvision_resnet34_to_resnet18():
     student = torchvision.models.resnet18(num_classes=10).train()
     blockkd = BlockKD(student, teacher, BlockKDConfig(kd="dkd"))
     out = blockkd(*_batch(shape=(2, 3, 32, 32)))
-    assert sorted(out.stone_logits) == [1, 2, 3]
-    assert out.loss_weights["stone1_ce"] == 1 / 8 and out.loss_weights["stone3_ce"] == 1 / 2
+    assert sorted(out.stone_logits) == [1, 2, 3, 4]
+    assert out.loss_weights["stone1_ce"] == 1 / 8 and out.loss_weights["stone4_ce"] == 1
     out.loss.backward()
     assert student.layer1[0].conv1.weight.grad.abs().sum() > 0
     assert blockkd.connector(3).conv.weight.shape == (256, 256, 1, 1)
+
+
+def test_default_stones_are_all_blocks_with_the_last_weighing_one():
+    blockkd = BlockKD(_student(), _teacher())
+    assert blockkd.stone_weights == {1: 0.25, 2: 0.5, 3: 1.0}
+
+
+def test_ensemble_gate_counts_the_term_only_while_the_stones_beat_the_student():
+    """Oracle: the batch accuracies of the reported logits decide the term's weight."""
+    teacher, student = _teacher(), _student()
+    x, y = _batch()
+    torch.manual_seed(7)  # the connectors' initialisation, the same in every wrapper below
+    out = BlockKD(copy.deepcopy(student), teacher, BlockKDConfig(gamma=0.5)).train()(x, y)
+    better = (out.ensemble_logits.argmax(1) == y).float().mean() > (
+        out.student_logits.argmax(1) == y).float().mean()
+    assert out.ensemble_active == bool(better)
+    assert out.loss_weights["student_ens"] == (0.5 if better else 0.0)
+    # A batch labelled as the ensemble predicts opens the gate; as the student predicts, closes it.
+    for labels, active in ((out.ensemble_logits.argmax(1), True),
+                           (out.student_logits.argmax(1), False)):
+        torch.manual_seed(7)
+        blockkd = BlockKD(copy.deepcopy(student), teacher, BlockKDConfig(gamma=0.5)).train()
+        gated = blockkd(x, labels)
+        agree = bool((gated.ensemble_logits.argmax(1) == gated.student_logits.argmax(1)).all())
+        if not agree:
+            assert gated.ensemble_active is active
+            assert gated.loss_weights["stone1_ens"] == (0.5 / 4 if active else 0.0)
+        recombined = sum(gated.loss_weights[k] * v for k, v in gated.losses.items())
+        torch.testing.assert_close(recombined, gated.loss)
+
+
+def test_connector_warmup_trains_only_the_connectors_then_everything():
+    teacher, student = _teacher(), _student()
+    blockkd = BlockKD(student, teacher, BlockKDConfig(connector_warmup_steps=2)).train()
+    for step in range(3):
+        blockkd.zero_grad(set_to_none=True)
+        out = blockkd(*_batch(seed=step))
+        out.loss.backward()
+        student_grads = [p.grad for p in student.parameters()]
+        if step < 2:
+            assert all(g is None or not g.any() for g in student_grads)
+            assert out.loss_weights["student_ce"] == 0 and not out.ensemble_active
+        else:
+            assert student.conv1.weight.grad.abs().sum() > 0
+            assert out.loss_weights["student_ce"] == 1
+        assert all(blockkd.connector(i).conv.weight.grad.abs().sum() > 0 for i in (1, 2, 3))
+    assert int(blockkd.steps_done) == 3  # in the state_dict: a resumed run goes on counting
+    with pytest.raises(ValueError, match="connector_warmup_steps must be an int >= 0, got -1"):
+        BlockKDConfig(connector_warmup_steps=-1)
+    with pytest.raises(ValueError, match="ensemble_gate must be 'accuracy' or 'always'"):
+        BlockKDConfig(ensemble_gate="sometimes")

@@ -54,7 +54,11 @@ class BlockKDConfig:
         L_m = CE(z_m, y) + alpha * KD(z_m || z_T) + gamma * KD(z_m || z_E)
 
     and the total is ``L_S + beta * sum_i w_i * L_i`` with ``w_i = 1 / 2^(n-i)`` by default: the
-    stone with the most student blocks weighs most. KD is ``T^2 * KL(softmax(target/T) ||
+    stone with the most student blocks weighs most (N_n, the student's whole body with the
+    teacher's head, weighs 1). Freshly built connectors make the stones near chance at first,
+    so the ensemble term is gated (``ensemble_gate``): it counts in a step only while the
+    ensemble classifies that batch better than the student does, and is reported with weight
+    0 otherwise. KD is ``T^2 * KL(softmax(target/T) ||
     softmax(z/T))`` by default (:func:`bwrf_ext.losses.kd_loss`), or DKD
     (:func:`bwrf_ext.losses.dkd_loss`), or any :data:`KDFunction`.
 
@@ -67,7 +71,17 @@ class BlockKDConfig:
         stone_weights: "geometric" (w_i = 2^-(n-i)), "uniform" (w_i = 1) or one float per
             selected stone, in stone order.
         stones: which N_i to build, i in 1..n (N_n: the student's blocks, C_n, the teacher's
-            head); None for 1..n-1, () for none (then Block-KD is plain KD: CE + alpha * KD).
+            head); None for all of 1..n, () for none (then Block-KD is plain KD: CE + alpha *
+            KD).
+        ensemble_gate: "accuracy" (default): the ensemble term counts in a training step only
+            when the stones' ensemble is more accurate on the batch than the student (a
+            student distilled from a good start is not pulled toward near-chance stones);
+            "always": gamma from the first step (the paper's loss as written).
+        connector_warmup_steps: the first training steps (forward calls in train mode with
+            grad enabled) train only the connectors: the stones take detached student block
+            outputs, the student's own terms and the ensemble term are reported with weight 0.
+            The student's BatchNorm still updates its running statistics. Counted in the
+            ``steps_done`` buffer, so a resumed run continues the count.
         kd: "kl" (Hinton's KD), "dkd" (decoupled KD, Zhao et al. 2022; usually ramped up over
             the first epochs, which the caller does by scaling ``alpha``/``gamma`` in new
             wrappers or by its own KDFunction) or a KDFunction.
@@ -94,6 +108,8 @@ class BlockKDConfig:
     detach_ensemble: bool = True
     batched: bool = True
     lean_teacher: bool = True
+    ensemble_gate: Literal["accuracy", "always"] = "accuracy"
+    connector_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("alpha", "beta", "gamma", "dkd_tckd_weight", "dkd_nckd_weight"):
@@ -102,6 +118,16 @@ class BlockKDConfig:
                 raise ValueError(f"BlockKDConfig: {name} must be >= 0, got {value}")
         if not self.temperature > 0:
             raise ValueError(f"BlockKDConfig: temperature must be > 0, got {self.temperature}")
+        if self.ensemble_gate not in ("accuracy", "always"):
+            raise ValueError(
+                f"BlockKDConfig: ensemble_gate must be 'accuracy' or 'always', got "
+                f"{self.ensemble_gate!r}"
+            )
+        warmup = self.connector_warmup_steps
+        if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+            raise ValueError(
+                f"BlockKDConfig: connector_warmup_steps must be an int >= 0, got {warmup!r}"
+            )
         if isinstance(self.kd, str):
             if self.kd not in ("kl", "dkd"):
                 raise ValueError(
@@ -120,8 +146,9 @@ class BlockKDConfig:
 
     def resolve(self, num_blocks: int) -> dict[int, float]:
         """Stone index i -> w_i (before beta), in increasing i, for a split into num_blocks."""
+        stones = self.stones if self.stones is not None else tuple(range(1, num_blocks + 1))
         return resolve_branch_weights(
-            self.stones, self.stone_weights, num_blocks, num_blocks, "BlockKDConfig",
+            stones, self.stone_weights, num_blocks, num_blocks, "BlockKDConfig",
             ("stone", "stones"),
         )  # fmt: skip
 
@@ -153,6 +180,9 @@ class BlockKDOutput:
         loss_weights: the coefficient of each term in ``loss``;
             ``loss == sum(loss_weights[k] * losses[k])``.
         loss: the total, 0-dim; None in eval mode without labels.
+        ensemble_active: whether the ensemble term counted in ``loss`` this step (see
+            ``BlockKDConfig.ensemble_gate``); False in eval mode, without stones and during
+            the connector warm-up.
     """
 
     student_logits: torch.Tensor
@@ -162,6 +192,7 @@ class BlockKDOutput:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     loss_weights: dict[str, float] = field(default_factory=dict)
     loss: torch.Tensor | None = None
+    ensemble_active: bool = False
 
 
 class ConvBNConnector(nn.Module):
@@ -309,6 +340,7 @@ class BlockKD(PartneredModule):
                 2, 3, 32, 32, generator=torch.Generator().manual_seed(0)
             ).to(reference.device, reference.dtype)
         self.connectors = self._build_connectors(connectors, example_input)
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
     @property
     def teacher(self) -> nn.Module:
@@ -388,6 +420,9 @@ class BlockKD(PartneredModule):
         if y is None:
             raise ValueError("BlockKD.forward: labels y are required in train mode")
         config = self.config
+        warming_up = bool(self.steps_done < config.connector_warmup_steps)
+        if torch.is_grad_enabled():
+            self.steps_done += 1
         # The teacher's full forward runs first, while no student activation is held yet, and
         # only its block shapes are kept: its transient memory never adds to the step's peak.
         teacher_outputs, teacher_logits = self.partner.block_outputs_and_logits(x)
@@ -395,25 +430,31 @@ class BlockKD(PartneredModule):
         del teacher_outputs
         _, student_logits, stone_logits = forward_with_branches(
             self.student_split, x, self.partner,
-            lambda outputs: self._stone_entries(outputs, teacher_shapes),
+            lambda outputs: self._stone_entries(
+                [h.detach() for h in outputs] if warming_up else outputs, teacher_shapes
+            ),
             max(self.stone_weights, default=0), config.batched,
         )  # fmt: skip
 
-        ensemble = None
+        ensemble, ensemble_active = None, False
         if stone_logits:
             ensemble = torch.stack([z.float() for z in stone_logits.values()]).mean(0)
             if config.detach_ensemble:
                 ensemble = ensemble.detach()
+            ensemble_active = not warming_up and (
+                config.ensemble_gate == "always"
+                or bool(_accuracy(ensemble, y) > _accuracy(student_logits, y))
+            )
         losses: dict[str, torch.Tensor] = {}
         weights: dict[str, float] = {}
-        scored = [("student", student_logits, 1.0)]
+        scored = [("student", student_logits, 0.0 if warming_up else 1.0)]
         scored += [(f"stone{i}", stone_logits[i], config.beta * w)
                    for i, w in self.stone_weights.items()]
         total = None
         for name, logits, weight in scored:
             targets = [("ce", None, weight), ("kd", teacher_logits, weight * config.alpha)]
             if ensemble is not None:
-                targets.append(("ens", ensemble, weight * config.gamma))
+                targets.append(("ens", ensemble, weight * config.gamma * ensemble_active))
             for suffix, target, w in targets:
                 # A weight-0 term is reported only: computed on detached logits, out of the graph.
                 z = logits if w else logits.detach()
@@ -428,7 +469,7 @@ class BlockKD(PartneredModule):
         if total is None:
             raise ValueError("BlockKD.forward: every loss term has weight 0")
         return BlockKDOutput(student_logits, teacher_logits, stone_logits, ensemble, losses,
-                             weights, total)
+                             weights, total, ensemble_active)
 
     def _stone_entries(
         self, student_outputs: list[torch.Tensor], teacher_shapes: list[torch.Size]
@@ -461,6 +502,11 @@ class BlockKD(PartneredModule):
         logits = {"student": student_logits, "teacher": teacher_logits}
         logits.update({f"stone{i}": stone_logits[i] for i in sorted(stone_logits)})
         return logits
+
+
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The share of a batch classified right, 0-dim."""
+    return (logits.argmax(dim=1) == y).float().mean()
 
 
 def _check_stone_input(i: int, n: int, student_shape: torch.Size, mapped_shape: torch.Size,
