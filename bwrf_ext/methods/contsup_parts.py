@@ -1,10 +1,11 @@
-"""ContSup's parts: split tables, auxiliary heads, context projectors, decoder, SupCon loss."""
+"""ContSup's parts: split and loss-weight tables, auxiliary heads, context, decoder, SupCon loss."""
 
 from __future__ import annotations
 
 import math
 import re
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -12,15 +13,20 @@ from torch import nn
 
 __all__ = [
     "INFOPRO_BALANCED_SPLITS",
+    "INFOPRO_BALANCED_SPLITS_STL10",
     "INFOPRO_SPLITS",
+    "PUBLISHED_BALANCED_LOSS_WEIGHTS",
+    "PUBLISHED_LOSS_WEIGHTS",
     "AuxHead",
     "ContextProjector",
+    "LossWeights",
     "Position",
     "ReconstructionDecoder",
     "balanced_split",
     "even_split",
     "parse_aux_head",
     "parse_context",
+    "published_loss_weights",
     "published_split",
     "supervised_contrastive_loss",
 ]
@@ -77,17 +83,121 @@ INFOPRO_BALANCED_SPLITS: dict[str, dict[int, tuple[Position, ...]]] = {
     },
 }
 
+# ContSup's memory-balanced resnet110 table for STL-10 (96x96 images; same file, the "stl10"
+# entry of `iso_module_loc_for_memory_balance`): only K = 3 differs from CIFAR-10's.
+INFOPRO_BALANCED_SPLITS_STL10: dict[str, dict[int, tuple[Position, ...]]] = {
+    "resnet110": {
+        1: (),
+        2: ((1, 14),),
+        3: ((1, 8), (2, 1)),
+        4: ((1, 6), (1, 14), (2, 8)),
+    },
+}
 
-def published_split(arch: str, num_modules: int, balanced: bool) -> tuple[Position, ...] | None:
+
+def published_split(
+    arch: str, num_modules: int, balanced: bool, dataset: str = "cifar10"
+) -> tuple[Position, ...] | None:
     """The published boundary positions for (arch, K), or None where none were published.
 
     Args:
         arch: "resnet32" or "resnet110" (other names have no table).
         num_modules: K.
         balanced: the memory-balanced table instead of the equal-layer one.
+        dataset: selects the memory-balanced table: "stl10" has its own (resnet110 only); every
+            other data set uses CIFAR-10's (the public code has none for them). The equal-layer
+            table does not depend on the data set.
     """
-    table = INFOPRO_BALANCED_SPLITS if balanced else INFOPRO_SPLITS
+    if not balanced:
+        return INFOPRO_SPLITS.get(arch, {}).get(num_modules)
+    table = INFOPRO_BALANCED_SPLITS_STL10 if dataset == "stl10" else INFOPRO_BALANCED_SPLITS
     return table.get(arch, {}).get(num_modules)
+
+
+class LossWeights(NamedTuple):
+    """(first, last) weights of the local loss and of the reconstruction loss.
+
+    Local module m of 1..K-1 gets ``first + (last - first) * (m - 1) / (K - 2)`` (K = 2:
+    ``first``), for each of the two losses.
+    """
+
+    local: tuple[float, float]
+    recon: tuple[float, float]
+
+
+# The public code's loss weights, arch -> dataset -> K (github.com/Tab-ct/ContSup,
+# networks_dev/configs.py, commit d0144a8d, dicts `local_loss_scale` and
+# `local_loss_scale_for_memory_balance`). Each of its entries is four numbers that train.py
+# passes to the model as (ixx_1, ixy_1, ixx_2, ixy_2): the reconstruction ("I(x, h)") and the
+# local-loss ("I(h, y)") weight of the first local module, then of the last one. The model
+# multiplies them in only when the decoder is on (`--h_reconstruct`); without it every local
+# loss has weight 1. Several entries give the first modules a local weight of 0: those modules
+# learn from the reconstruction alone, as published.
+PUBLISHED_LOSS_WEIGHTS: dict[str, dict[str, dict[int, LossWeights]]] = {
+    "resnet32": {
+        "cifar10": {
+            2: LossWeights(local=(1.0, 0.0), recon=(5.0, 0.0)),
+            4: LossWeights(local=(0.0, 2.0), recon=(6.0, 1.0)),
+            8: LossWeights(local=(0.0, 2.0), recon=(5.0, 0.0)),
+            16: LossWeights(local=(0.05, 0.5), recon=(5.0, 0.2)),
+        },
+    },
+    "resnet110": {
+        "cifar10": {
+            2: LossWeights(local=(0.5, 0.0), recon=(5.0, 0.0)),
+            4: LossWeights(local=(0.0, 1.0), recon=(1.0, 0.0)),
+            8: LossWeights(local=(0.0, 1.0), recon=(5.0, 0.0)),
+            16: LossWeights(local=(0.0, 1.0), recon=(5.0, 0.5)),
+        },
+        "stl10": {
+            2: LossWeights(local=(1.0, 0.0), recon=(10.0, 0.0)),
+            4: LossWeights(local=(0.2, 2.0), recon=(20.0, 5.0)),
+            8: LossWeights(local=(0.2, 1.0), recon=(20.0, 5.0)),
+            16: LossWeights(local=(0.5, 0.1), recon=(20.0, 10.0)),
+        },
+        "svhn": {
+            2: LossWeights(local=(0.1, 0.0), recon=(1.0, 0.0)),
+            4: LossWeights(local=(0.0, 0.0), recon=(5.0, 0.5)),
+            8: LossWeights(local=(0.0, 2.0), recon=(5.0, 0.5)),
+            16: LossWeights(local=(0.2, 1.0), recon=(5.0, 0.5)),
+        },
+    },
+}
+
+# The memory-balanced runs' weights (CIFAR-10 only; same file). Note resnet32 K = 3 has
+# weights but no published split, and K = 16 a split but no weights.
+PUBLISHED_BALANCED_LOSS_WEIGHTS: dict[str, dict[str, dict[int, LossWeights]]] = {
+    "resnet32": {
+        "cifar10": {
+            2: LossWeights(local=(0.1, 0.0), recon=(5.0, 0.0)),
+            3: LossWeights(local=(0.0, 0.1), recon=(5.0, 5.0)),
+            4: LossWeights(local=(0.0, 0.1), recon=(5.0, 0.0)),
+            8: LossWeights(local=(0.0, 2.0), recon=(5.0, 0.0)),
+        },
+    },
+    "resnet110": {
+        "cifar10": {
+            2: LossWeights(local=(0.1, 0.0), recon=(5.0, 0.0)),
+            3: LossWeights(local=(0.0, 0.1), recon=(5.0, 5.0)),
+            4: LossWeights(local=(0.0, 0.1), recon=(5.0, 0.0)),
+        },
+    },
+}
+
+
+def published_loss_weights(
+    arch: str, dataset: str, num_modules: int, balanced: bool
+) -> LossWeights | None:
+    """The public code's loss weights for (arch, dataset, K), or None where it has none.
+
+    Args:
+        arch: "resnet32" or "resnet110" (other names have no table).
+        dataset: "cifar10"; resnet110 also "stl10" and "svhn".
+        num_modules: K.
+        balanced: the memory-balanced runs' table instead of the equal-layer one.
+    """
+    table = PUBLISHED_BALANCED_LOSS_WEIGHTS if balanced else PUBLISHED_LOSS_WEIGHTS
+    return table.get(arch, {}).get(dataset, {}).get(num_modules)
 
 
 def even_split(num_units: int, num_modules: int) -> list[int]:
