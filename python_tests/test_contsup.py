@@ -1,10 +1,12 @@
-"""Tests of ContSup: per-module gradients against plain autograd, splits, context, losses, costs."""
+"""Tests of ContSup: per-module gradients against plain autograd, splits, context, losses, costs,
+and the published preset against the public code's heads and tables."""
 
 from __future__ import annotations
 
 import copy
 import itertools
 import math
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -18,10 +20,14 @@ from bwrf_ext import quantize_model
 from bwrf_ext.methods.contsup import ContSup, ContSupConfig
 from bwrf_ext.methods.contsup_parts import (
     INFOPRO_BALANCED_SPLITS,
+    INFOPRO_BALANCED_SPLITS_STL10,
     INFOPRO_SPLITS,
+    PUBLISHED_BALANCED_LOSS_WEIGHTS,
+    PUBLISHED_LOSS_WEIGHTS,
     AuxHead,
     balanced_split,
     even_split,
+    published_loss_weights,
     supervised_contrastive_loss,
 )
 from bwrf_ext.models import cifar_resnet, resnet20, resnet32
@@ -130,12 +136,13 @@ def _oracle_grads(
 
 
 ISOLATION_CASES = {
-    "R0-ce": ContSupConfig(num_modules=4, context="R0"),
-    "E-ce": ContSupConfig(num_modules=4, context="E"),
+    "R0-ce": ContSupConfig(num_modules=4, context="R0", local_loss="ce"),
+    # the published preset: SupCon, capped heads, the resnet32 K=4 table's weights
+    "E-published-recon": ContSupConfig(num_modules=4, context="E", reconstruction=True),
     "R2-supcon-recon": ContSupConfig(num_modules=4, context="R2", local_loss="supcon",
                                      reconstruction=True, recon_weights=(2.0, 0.5),
                                      local_weights=(0.5, 1.5)),
-    "R1E-ce": ContSupConfig(num_modules=4, context="R1E"),
+    "R1E-ce": ContSupConfig(num_modules=4, context="R1E", local_loss="ce", preset="uniform"),
 }
 
 
@@ -236,11 +243,11 @@ def test_all_modes_train_every_part_on_resnet32(k: int, mode: str):
     assert cs.num_modules == k and cs.boundaries == INFOPRO_SPLITS["resnet32"][k]
     before = {n: p.detach().clone() for n, p in cs.named_parameters()}
     optimizer = torch.optim.SGD(cs.parameters(), lr=0.05)
-    x, y = _batch(shape=(2, 3, 16, 16))
+    x, y = _batch()  # the default SupCon loss needs positives and negatives to have a gradient
     out = cs.train_step(x, y, optimizer)
-    assert out.logits.shape == (2, 10) and not out.logits.requires_grad
+    assert out.logits.shape == (4, 10) and not out.logits.requires_grad
     assert sorted(out.local_outputs) == list(range(1, k))
-    assert all(v.shape == (2, 10) for v in out.local_outputs.values())
+    assert all(v.shape == (4, 128) for v in out.local_outputs.values())  # SupCon embeddings
     assert len(out.module_losses) == k and torch.isfinite(out.loss)
     torch.testing.assert_close(out.loss, torch.stack(out.module_losses).sum())
     for name, p in cs.named_parameters():  # model, heads and projectors all learned
@@ -286,7 +293,7 @@ def test_recent_inputs_feed_rn_projectors():
 
 
 def test_loss_terms_weights_and_recombination():
-    config = ContSupConfig(num_modules=5, split="even", reconstruction=True,
+    config = ContSupConfig(num_modules=5, split="even", reconstruction=True, local_loss="ce",
                            local_weights=(0.5, 2.0), recon_weights=(4.0, 1.0))
     cs = _contsup(config)
     x, y = _batch()
@@ -332,7 +339,7 @@ def test_split_tables():
     for k, positions in INFOPRO_SPLITS["resnet32"].items():
         assert [(0, 0) if u == 0 else (1 + (u - 1) // 5, (u - 1) % 5)
                 for u in even_split(16, k)] == list(positions)
-    for table in (INFOPRO_SPLITS, INFOPRO_BALANCED_SPLITS):
+    for table in (INFOPRO_SPLITS, INFOPRO_BALANCED_SPLITS, INFOPRO_BALANCED_SPLITS_STL10):
         for arch, entries in table.items():
             per_stage = (int(arch[6:]) - 2) // 6
             for k, positions in entries.items():
@@ -362,6 +369,10 @@ def test_resnet110_tables_and_fallbacks():
     assert cs.boundaries == INFOPRO_SPLITS["resnet110"][16]
     cs = ContSup(cifar_resnet(110), ContSupConfig(num_modules=4, split="infopro_balanced"))
     assert cs.boundaries == INFOPRO_BALANCED_SPLITS["resnet110"][4]
+    # STL-10's own balanced K=3 (networks_dev/configs.py, `iso_module_loc_for_memory_balance`)
+    cs = ContSup(cifar_resnet(110), ContSupConfig(num_modules=3, split="infopro_balanced",
+                                                  table_dataset="stl10"))
+    assert cs.boundaries == ((1, 8), (2, 1))
     with pytest.warns(UserWarning, match="no published 'infopro_balanced' split"):
         cs = ContSup(cifar_resnet(110), ContSupConfig(num_modules=8, split="infopro_balanced"))
     assert cs.split_source == "balanced" and len(cs.boundaries) == 7
@@ -384,15 +395,18 @@ def test_user_split_and_head_only_last_module():
 
 
 def test_torchvision_resnet_with_an_even_split():
-    """Any model the engine splits: torchvision's ResNet-18 (stages of 2 blocks), K=4, R1E."""
+    """Any model the engine splits: torchvision's ResNet-18 (stages of 2 blocks), K=5, R1E."""
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=5)
     example = torch.randn(2, 3, 64, 64)
-    cs = ContSup(net, ContSupConfig(num_modules=4, split="even", context="R1E"),
+    cs = ContSup(net, ContSupConfig(num_modules=5, split="even", context="R1E"),
                  example_input=example).train()
-    assert cs.boundaries == ((1, 1), (2, 1), (3, 1))  # 9 units: stem + 8 blocks
+    assert cs.boundaries == ((1, 0), (2, 0), (3, 0), (4, 0))  # 9 units: stem + 8 blocks
+    # the published head rule generalised: double at stride 2 up to the final width (512)
+    assert [_convs(h) for h in cs.heads] == [[(64, 128, 2)], [(128, 256, 2)], [(256, 512, 2)],
+                                             [(512, 512, 1)]]
     out = cs.train_step(example, torch.tensor([0, 4]), torch.optim.SGD(cs.parameters(), lr=0.01))
-    assert out.logits.shape == (2, 5) and len(out.module_losses) == 4
+    assert out.logits.shape == (2, 5) and len(out.module_losses) == 5
     assert all(p.grad is not None for p in cs.parameters())
 
 
@@ -409,6 +423,11 @@ def test_torchvision_resnet_with_an_even_split():
         ({"local_loss": "mse"}, "local_loss must be"),
         ({"local_weights": (1.0, -1.0)}, "local_weights must be"),
         ({"encoder_resolution": "half"}, "encoder_resolution must be"),
+        ({"preset": "paper"}, "preset must be 'published' or 'uniform'"),
+        ({"aux_channel_cap": "max"}, "aux_channel_cap must be"),
+        ({"aux_channel_cap": 0}, "aux_channel_cap must be"),
+        ({"recon_weights": (1.0,)}, "recon_weights must be"),
+        ({"table_dataset": ""}, "table_dataset must be"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, match):
@@ -496,8 +515,220 @@ def test_quantized_model_trains_and_probe_leaves_quantizers_uninitialised():
     # one backward of that loss on the model's own forward
     plain.train()
     h = plain.layer1[:3](F.relu(plain.bn1(plain.conv1(x))))
-    F.cross_entropy(head(h), y).backward()
+    supervised_contrastive_loss(head(h), y).backward()  # the default local loss, weight 1
     first = [*net.conv1.parameters(), *net.bn1.parameters(), *net.layer1[:3].parameters()]
     want = [*plain.conv1.parameters(), *plain.bn1.parameters(), *plain.layer1[:3].parameters()]
     for p, q in zip(first, want, strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+# --- the published preset against the public code (github.com/Tab-ct/ContSup) ---
+
+
+def _convs(head: nn.Module) -> list[tuple[int, int, int]]:
+    return [(c.in_channels, c.out_channels, c.stride[0]) for c in head.modules()
+            if isinstance(c, nn.Conv2d)]
+
+
+def _linears(head: nn.Module) -> list[tuple[int, int]]:
+    return [(lin.in_features, lin.out_features) for lin in head.modules()
+            if isinstance(lin, nn.Linear)]
+
+
+# The public AuxClassifier's layers for every net_config and input width, as written out in
+# networks_dev/auxiliary_nets.py (commit 072b03da), widen 1, feature_dim 128, loss_mode
+# "contrast" (its default: 128 outputs): (convs as (in, out, stride), linears as (in, out)).
+PUBLIC_HEADS = {
+    ("0c1f", 16): ([], [(16, 128)]),
+    ("0c1f", 32): ([], [(32, 128)]),
+    ("0c1f", 64): ([], [(64, 128)]),
+    ("0c2f", 16): ([], [(16, 128), (128, 128)]),
+    ("0c2f", 32): ([], [(32, 128), (128, 128)]),
+    ("0c2f", 64): ([], [(64, 128), (128, 128)]),
+    ("1c1f", 16): ([(16, 32, 2)], [(32, 128)]),
+    ("1c1f", 32): ([(32, 64, 2)], [(64, 128)]),
+    ("1c1f", 64): ([(64, 64, 1)], [(64, 128)]),
+    ("1c2f", 16): ([(16, 32, 2)], [(32, 128), (128, 128)]),
+    ("1c2f", 32): ([(32, 64, 2)], [(64, 128), (128, 128)]),
+    ("1c2f", 64): ([(64, 64, 1)], [(64, 128), (128, 128)]),
+    ("1c3f", 16): ([(16, 32, 2)], [(32, 128), (128, 128), (128, 128)]),
+    ("1c3f", 32): ([(32, 64, 2)], [(64, 128), (128, 128), (128, 128)]),
+    ("1c3f", 64): ([(64, 64, 1)], [(64, 128), (128, 128), (128, 128)]),
+    ("2c2f", 16): ([(16, 32, 2), (32, 32, 1)], [(32, 128), (128, 128)]),
+    ("2c2f", 32): ([(32, 64, 2), (64, 64, 1)], [(64, 128), (128, 128)]),
+    ("2c2f", 64): ([(64, 64, 1), (64, 64, 1)], [(64, 128), (128, 128)]),
+}
+
+
+@pytest.mark.parametrize("spec", ["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"])
+def test_default_heads_are_the_public_heads(spec: str):
+    """K=16 on ResNet-32 has boundaries of 16, 32 and 64 channels: every head as published."""
+    cs = ContSup(resnet32(), ContSupConfig(num_modules=16, aux_head=spec))
+    widths = [h.net[0].in_channels if _convs(h) else _linears(h)[0][0] for h in cs.heads]
+    assert widths == [16] * 6 + [32] * 5 + [64] * 4
+    for head, width in zip(cs.heads, widths, strict=True):
+        assert (_convs(head), _linears(head)) == PUBLIC_HEADS[spec, width], (spec, width)
+        bns = [m.num_features for m in head.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert bns == [out for _, out, _ in _convs(head)]
+
+
+def test_head_widen_and_the_uniform_preset():
+    # widen 2, public 1c2f: 16 -> int(32 * 2), 64 -> int(64 * 2) at stride 1, FC 256
+    cs = ContSup(resnet32(), ContSupConfig(num_modules=16, aux_widen=2.0))
+    assert (_convs(cs.heads[0]), _linears(cs.heads[0])) == ([(16, 64, 2)], [(64, 256),
+                                                                             (256, 128)])
+    assert (_convs(cs.heads[-1]), _linears(cs.heads[-1])) == ([(64, 128, 1)], [(128, 256),
+                                                                               (256, 128)])
+    # "uniform" (the earlier default): every head C -> 2C at stride 2, CE logits
+    cs = ContSup(resnet32(), ContSupConfig(num_modules=16, preset="uniform"))
+    assert (_convs(cs.heads[-1]), _linears(cs.heads[-1])) == ([(64, 128, 2)], [(128, 128),
+                                                                               (128, 10)])
+    assert cs.config.aux_channel_cap == "off" and cs.config.local_loss == "ce"
+    # explicit options win over the preset
+    cs = ContSup(resnet32(), ContSupConfig(num_modules=16, aux_channel_cap="off",
+                                           local_loss="ce"))
+    assert _convs(cs.heads[-1]) == [(64, 128, 2)] and _linears(cs.heads[-1])[-1] == (128, 10)
+    cs = ContSup(resnet32(), ContSupConfig(num_modules=16, aux_channel_cap=32))
+    assert [_convs(cs.heads[i]) for i in (0, 6, 14)] == [[(16, 32, 2)], [(32, 32, 1)],
+                                                         [(64, 32, 1)]]
+
+
+def test_default_local_loss_is_supcon_as_published():
+    """The public default ("contrast"): SupCon at T = T_base = 0.07 on the head's 128 outputs."""
+    cs = _contsup(ContSupConfig(num_modules=4))
+    assert cs.config.local_loss == "supcon" and cs.config.preset == "published"
+    assert (cs.config.supcon_temperature, cs.config.supcon_base_temperature) == (0.07, 0.07)
+    x, y = _batch()
+    out = cs.train_step(x, y)
+    assert set(out.losses) == {"module1_supcon", "module2_supcon", "module3_supcon", "final_ce"}
+    for m in range(1, 4):
+        assert out.local_outputs[m].shape == (4, 128)
+        assert out.loss_weights[f"module{m}_supcon"] == 1.0  # no decoder: unweighted, as there
+        torch.testing.assert_close(out.losses[f"module{m}_supcon"],
+                                   supervised_contrastive_loss(out.local_outputs[m], y, 0.07))
+
+
+# The public loss weights, as written in networks_dev/configs.py (commit d0144a8d), dicts
+# `local_loss_scale` (equal-layer runs) and `local_loss_scale_for_memory_balance`, keyed
+# (arch, dataset, K); each entry is train.py's [ixx_1, ixy_1, ixx_2, ixy_2].
+PUBLIC_LOSS_SCALE = {
+    ("resnet32", "cifar10", 2): [5., 1., 0., 0.],
+    ("resnet32", "cifar10", 4): [6., 0., 1., 2.],
+    ("resnet32", "cifar10", 8): [5., 0., 0., 2.],
+    ("resnet32", "cifar10", 16): [5., 0.05, 0.2, 0.5],
+    ("resnet110", "cifar10", 2): [5., 0.5, 0., 0.],
+    ("resnet110", "cifar10", 4): [1., 0., 0., 1.],
+    ("resnet110", "cifar10", 8): [5., 0., 0., 1.],
+    ("resnet110", "cifar10", 16): [5., 0., 0.5, 1.],
+    ("resnet110", "stl10", 2): [10., 1., 0., 0.],
+    ("resnet110", "stl10", 4): [20., 0.2, 5., 2.],
+    ("resnet110", "stl10", 8): [20., 0.2, 5., 1.],
+    ("resnet110", "stl10", 16): [20., 0.5, 10., 0.1],
+    ("resnet110", "svhn", 2): [1., 0.1, 0., 0.],
+    ("resnet110", "svhn", 4): [5., 0., 0.5, 0.],
+    ("resnet110", "svhn", 8): [5., 0., 0.5, 2.],
+    ("resnet110", "svhn", 16): [5., 0.2, 0.5, 1.],
+}
+PUBLIC_LOSS_SCALE_BALANCED = {
+    ("resnet32", "cifar10", 2): [5., 0.1, 0., 0.],
+    ("resnet32", "cifar10", 3): [5., 0, 5., 0.1],
+    ("resnet32", "cifar10", 4): [5., 0., 0., 0.1],
+    ("resnet32", "cifar10", 8): [5., 0., 0., 2.],
+    ("resnet110", "cifar10", 2): [5., 0.1, 0., 0.],
+    ("resnet110", "cifar10", 3): [5., 0, 5., 0.1],
+    ("resnet110", "cifar10", 4): [5., 0., 0., 0.1],
+}
+
+
+def _public_module_weights(scale: list[float], k: int) -> list[tuple[float, float]]:
+    """(local, recon) weight of each local module, as the public ResNet.forward computes them."""
+    ixx_1, ixy_1, ixx_2, ixy_2 = scale
+    weights = []
+    for i in range(k - 1):  # its local_module_i, 0-based
+        ratio = i / (k - 2) if k > 2 else 0
+        weights.append((ixy_1 * (1 - ratio) + ixy_2 * ratio, ixx_1 * (1 - ratio) + ixx_2 * ratio))
+    return weights
+
+
+def _assert_weights(got: list, want: list, msg: str = "") -> None:
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                               torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-12,
+                               msg=msg)
+
+
+@pytest.mark.parametrize("balanced", [False, True], ids=["equal-layer", "memory-balanced"])
+def test_published_loss_weights_match_the_public_tables(balanced: bool):
+    public = PUBLIC_LOSS_SCALE_BALANCED if balanced else PUBLIC_LOSS_SCALE
+    ours = PUBLISHED_BALANCED_LOSS_WEIGHTS if balanced else PUBLISHED_LOSS_WEIGHTS
+    assert {(a, d, k) for a, ds in ours.items() for d, ks in ds.items() for k in ks} == set(public)
+    split = "infopro_balanced" if balanced else "infopro"
+    for (arch, dataset, k), scale in public.items():
+        assert published_loss_weights(arch, dataset, k, balanced) is not None
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cs = ContSup(cifar_resnet(int(arch[6:])),
+                         ContSupConfig(num_modules=k, split=split, table_dataset=dataset,
+                                       reconstruction=True),
+                         example_input=torch.zeros(2, 3, 8, 8))
+        assert not [w for w in caught if "loss weights" in str(w.message)], (arch, dataset, k)
+        assert cs.weights_source.startswith("published"), cs.weights_source
+        got = [cs.module_weights(m) for m in range(1, k)]
+        _assert_weights(got, _public_module_weights(scale, k), f"{arch} {dataset} K={k}")
+
+
+def test_published_weights_reach_the_loss_and_apply_only_with_the_decoder():
+    x, y = _batch()
+    cs = _contsup(ContSupConfig(num_modules=4, context="R0", reconstruction=True))
+    out = cs.train_step(x, y)  # resnet32 K=4: [6, 0, 1, 2]
+    for m, (local, recon) in enumerate(_public_module_weights([6., 0., 1., 2.], 4), 1):
+        assert out.loss_weights[f"module{m}_supcon"] == pytest.approx(local)
+        assert out.loss_weights[f"module{m}_recon"] == pytest.approx(recon)
+    assert out.loss_weights["module1_supcon"] == 0.0  # the first module learns from the decoder
+    # Without the decoder the public code uses loss_ixy alone: every local weight 1.
+    cs = ContSup(resnet32(), ContSupConfig(num_modules=16))
+    assert [cs.module_weights(m)[0] for m in range(1, 16)] == [1.0] * 15
+    # Explicit weights win, with or without the decoder; the uniform preset is flat.
+    cs = ContSup(resnet32(), ContSupConfig(num_modules=4, local_weights=(0.5, 2.0)))
+    assert [cs.module_weights(m)[0] for m in (1, 2, 3)] == [0.5, 1.25, 2.0]
+    cs = ContSup(resnet32(), ContSupConfig(num_modules=4, reconstruction=True,
+                                           recon_weights=(3.0, 3.0)))
+    assert [cs.module_weights(m) for m in (1, 3)] == [(0.0, 3.0), (2.0, 3.0)]
+    cs = ContSup(resnet32(), ContSupConfig(num_modules=4, reconstruction=True, preset="uniform"))
+    assert [cs.module_weights(m) for m in (1, 2, 3)] == [(1.0, 1.0)] * 3
+    # The resolved config is explicit: building from it again gives the same one.
+    assert ContSup(resnet32(), cs.config).config == cs.config
+    with pytest.raises(ValueError, match="use ContSup.module_weights"):
+        ContSupConfig(num_modules=4).module_weights(1)
+
+
+def _weight_warnings(build: Callable[[], ContSup]) -> tuple[ContSup, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cs = build()
+    return cs, [str(w.message) for w in caught if "loss weights" in str(w.message)]
+
+
+def test_untabled_weights_fall_back_with_one_warning():
+    # resnet32 K=3: an equal-layer split but no weights -> flat (1, 1)
+    cs, caught = _weight_warnings(
+        lambda: ContSup(resnet32(), ContSupConfig(num_modules=3, reconstruction=True)))
+    assert len(caught) == 1 and "(resnet32, cifar10, K=3)" in caught[0]
+    assert [cs.module_weights(m) for m in (1, 2)] == [(1.0, 1.0)] * 2
+    # resnet32 K=16 memory-balanced: its split is the equal-layer one, so are the weights
+    cs, caught = _weight_warnings(lambda: ContSup(resnet32(), ContSupConfig(
+        num_modules=16, split="infopro_balanced", reconstruction=True)))
+    assert len(caught) == 1 and "equal-layer" in caught[0]
+    _assert_weights([cs.module_weights(m) for m in range(1, 16)],
+                    _public_module_weights([5., 0.05, 0.2, 0.5], 16))
+    # another model, another data set: flat, one warning each
+    for build in (lambda: ContSup(resnet20(), ContSupConfig(num_modules=4, reconstruction=True)),
+                  lambda: ContSup(resnet32(), ContSupConfig(num_modules=4, reconstruction=True,
+                                                            table_dataset="cifar100"))):
+        cs, caught = _weight_warnings(build)
+        assert len(caught) == 1 and cs.weights_source.startswith("flat")
+    # no decoder, or both pairs given: the tables are not consulted, nothing to warn about
+    for config in (ContSupConfig(num_modules=3),
+                   ContSupConfig(num_modules=3, reconstruction=True, local_weights=(1.0, 1.0),
+                                 recon_weights=(2.0, 2.0))):
+        _, caught = _weight_warnings(lambda config=config: ContSup(resnet32(), config))
+        assert caught == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -16,12 +16,14 @@ from bwrf_ext.blocks import BlockSplit, probing, split_model
 from bwrf_ext.methods.contsup_parts import (
     AuxHead,
     ContextProjector,
+    LossWeights,
     Position,
     ReconstructionDecoder,
     balanced_split,
     even_split,
     parse_aux_head,
     parse_context,
+    published_loss_weights,
     published_split,
     supervised_contrastive_loss,
 )
@@ -33,16 +35,49 @@ __all__ = ["ContSup", "ContSupConfig", "ContSupCost", "ContSupOutput", "PartCost
 CIFAR10_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 CIFAR10_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 SplitName = Literal["infopro", "infopro_balanced", "even", "balanced"]
+PresetName = Literal["published", "uniform"]
 DEFAULT_NUM_MODULES = 8
+_FLAT = LossWeights(local=(1.0, 1.0), recon=(1.0, 1.0))
 
 
 @dataclass(frozen=True)
 class ContSupConfig:
-    """Options of :class:`ContSup`; defaults follow the public ContSup code unless noted.
+    """Options of :class:`ContSup`; every option left None is filled in by ``preset``.
 
     The network is cut into K modules. Module m < K ends at a boundary: its output h_m feeds an
     auxiliary head (and optionally a decoder) whose loss trains module m alone; the next module
     takes ``h_m.detach() + context``. Module K ends with the network's own head and CE.
+
+    **Presets.** ``"published"`` (the default) is what the public ContSup code runs
+    (github.com/Tab-ct/ContSup, commit 0717be60): auxiliary heads whose first conv doubles the
+    width at stride 2 up to the network's final width and keeps it at stride 1 there (on CIFAR
+    ResNets 16->32 and 32->64 at stride 2, 64->64 at stride 1); the supervised contrastive local
+    loss (its ``--local_loss_mode`` default, "contrast"); and, with the decoder on, the loss
+    weights of its per-(architecture, data set, K) tables
+    (:data:`~bwrf_ext.methods.contsup_parts.PUBLISHED_LOSS_WEIGHTS`); without the decoder every
+    local loss has weight 1, as there. ``"uniform"`` is this package's earlier default, one rule
+    for every model: each head's first conv C->2C at stride 2, cross-entropy local losses (so the
+    heads give local logits and local accuracies), flat (1, 1) weights. The published preset is
+    the default because ContSup should mean the method whose numbers the paper reports, without
+    a user having to find and copy four settings; "uniform" serves ablations, comparisons with
+    runs made before it (issue 18), and models far from the tables. An option set explicitly
+    wins over the preset; after construction, ``ContSup.config`` holds the resolved values and
+    ``ContSup.weights_source`` says where the weights came from.
+
+    Where the tables have no entry for (architecture, ``table_dataset``, K) with the decoder on,
+    the memory-balanced splits use the equal-layer entry of the same key (resnet32 K = 16: the
+    same split), and everything else flat (1, 1) weights; both with one warning.
+
+    **Where this differs from the public code, and why.** (1) Configurations outside its tables
+    run: K = 1, any K, any model the engine splits, any data set (computed splits, flat weights,
+    a warning) where it raises KeyError or NotImplementedError; its head rule, written out for
+    16/32/64 input channels only, is generalised as above. (2) Explicit ``local_weights`` apply
+    with or without the decoder (it ignores its weights without the decoder), so the local loss
+    can be scaled alone. (3) The decoder's loss is BCE on logits, not Sigmoid + BCELoss (which
+    clamps log 0 at -100): the same value wherever that is finite. (4) The context encoders'
+    and decoder's convs before BatchNorm have no bias, which BN cancels: the same functions.
+    (5) Any context "R<n>" and "R<n>E" (it has R0, R1, R2, R4, R8, R16, E, R1E). (6) Options it
+    lacks: computed and explicit splits, ``encoder_resolution="boundary"`` (off by default).
 
     Attributes:
         num_modules: K >= 1 (1 is end-to-end training). None: ``len(split) + 1`` for an
@@ -58,6 +93,10 @@ class ContSupConfig:
             split's blocks, block b its b-th child (0 when the stage is not an nn.Sequential).
         table_arch: the table key ("resnet32", "resnet110"); None infers it for CIFAR ResNets
             (``bwrf_ext.models.cifar_resnet`` and their quantized copies).
+        table_dataset: the data set key of the tables: "cifar10" (default), "stl10", "svhn"
+            (the public code's names). It selects the loss weights and the memory-balanced split
+            (STL-10 has its own resnet110 one; other data sets use CIFAR-10's).
+        preset: "published" or "uniform", see above.
         context: "R0" (none), "E" (the image through a small encoder), "R<n>" (the inputs of
             the last n modules through conv1x1-BN-ReLU), "R<n>E" (both). Default "E", the
             public code's. See :func:`~bwrf_ext.methods.contsup_parts.parse_context`.
@@ -65,24 +104,31 @@ class ContSupConfig:
         encoder_resolution: "input": E runs on the full image, then is pooled to the boundary's
             size (public); "boundary": the image is pooled first, so E costs (H_b W_b)/(H W) of
             the MACs and activation memory (a deviation from the public code).
-        aux_head: auxiliary head "<n>c<m>f" (default "1c2f": conv3x3 C->2C stride 2, BN, ReLU,
-            GAP, FC 128, ReLU, FC out). See :func:`~bwrf_ext.methods.contsup_parts.parse_aux_head`.
+        aux_head: auxiliary head "<n>c<m>f" (default "1c2f": conv3x3, BN, ReLU, GAP, FC 128,
+            ReLU, FC out; the conv's width as ``aux_channel_cap`` says). See
+            :func:`~bwrf_ext.methods.contsup_parts.parse_aux_head`.
         aux_feature_dim: hidden width of the heads' linear layers, and the SupCon embedding size.
         aux_widen: width multiplier of the heads.
-        aux_channel_cap: None (always C->2C, stride 2) or a channel cap: 64 reproduces the
-            public heads (64-channel inputs get a 64->64 stride-1 conv).
-        local_loss: "ce" (default here: the heads then give local logits) or "supcon" (the
-            public code's default "contrast": supervised contrastive on the L2-normalised head
-            output).
+        aux_channel_cap: the first head conv maps C to 2C channels at stride 2, or, where 2C
+            would exceed the cap, to ``cap`` channels at stride 1 (see :class:`AuxHead`).
+            "final": the cap is the channels of the network's last unit output, the features its
+            own head pools (64 on CIFAR ResNets: the public heads); "off": no cap (always C->2C,
+            stride 2); an int: that cap. None: "final" (published) or "off" (uniform).
+        local_loss: "ce" (the heads give local logits) or "supcon" (supervised contrastive on
+            the L2-normalised head output, the public "contrast"). None: "supcon" (published) or
+            "ce" (uniform).
         supcon_temperature: SupCon temperature T (public: 0.07).
         supcon_base_temperature: SupCon base temperature (public: 0.07; loss scaled by T/T_base).
         local_weights: (first, last) weight of the local loss, linear in the module index over
             modules 1..K-1 (module m gets first + (last - first) * (m - 1) / (K - 2); K = 2:
-            first). The public code's ``ixy``; it applies them only with the decoder on.
+            first); applied with or without the decoder. The public code's ``ixy``. None: the
+            published table's pair with the decoder on, else (1, 1) (published), or (1, 1)
+            (uniform).
         reconstruction: add InfoPro's reconstruction decoder at every boundary.
         recon_weights: (first, last) weight of the reconstruction loss, interpolated as
-            local_weights (public ``ixx``; its tables use e.g. (5, 0.2) with local (0.05, 0.5)
-            for resnet32 K=16).
+            local_weights (the public ``ixx``). None: the published table's pair (published) or
+            (1, 1) (uniform); resnet32 K = 16 on CIFAR-10, for example, has recon (5, 0.2) with
+            local (0.05, 0.5).
         decoder_width: hidden channels of the decoder (public: 12).
         decoder_interpolation: "bilinear" (public) or "nearest".
         image_mean, image_std: the input normalisation, undone to give the decoder's [0, 1]
@@ -92,19 +138,21 @@ class ContSupConfig:
     num_modules: int | None = None
     split: SplitName | tuple[Position, ...] = "infopro"
     table_arch: str | None = None
+    table_dataset: str = "cifar10"
+    preset: PresetName = "published"
     context: str = "E"
     encoder_width: int = 12
     encoder_resolution: Literal["input", "boundary"] = "input"
     aux_head: str = "1c2f"
     aux_feature_dim: int = 128
     aux_widen: float = 1.0
-    aux_channel_cap: int | None = None
-    local_loss: Literal["ce", "supcon"] = "ce"
+    aux_channel_cap: int | Literal["final", "off"] | None = None
+    local_loss: Literal["ce", "supcon"] | None = None
     supcon_temperature: float = 0.07
     supcon_base_temperature: float = 0.07
-    local_weights: tuple[float, float] = (1.0, 1.0)
+    local_weights: tuple[float, float] | None = None
     reconstruction: bool = False
-    recon_weights: tuple[float, float] = (1.0, 1.0)
+    recon_weights: tuple[float, float] | None = None
     decoder_width: int = 12
     decoder_interpolation: Literal["bilinear", "nearest"] = "bilinear"
     image_mean: tuple[float, ...] = CIFAR10_MEAN
@@ -136,11 +184,21 @@ class ContSupConfig:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"ContSupConfig: num_modules must be an int >= 1, got {k!r}")
         object.__setattr__(self, "num_modules", k)
+        if self.preset not in ("published", "uniform"):
+            raise ValueError(
+                f"ContSupConfig: preset must be 'published' or 'uniform', got {self.preset!r}"
+            )
+        if not isinstance(self.table_dataset, str) or not self.table_dataset:
+            raise ValueError(
+                "ContSupConfig: table_dataset must be a data set name such as 'cifar10', "
+                f"'stl10' or 'svhn', got {self.table_dataset!r}"
+            )
         parse_context(self.context)
         parse_aux_head(self.aux_head)
-        if self.local_loss not in ("ce", "supcon"):
+        if self.local_loss not in (None, "ce", "supcon"):
             raise ValueError(
-                f"ContSupConfig: local_loss must be 'ce' or 'supcon', got {self.local_loss!r}"
+                "ContSupConfig: local_loss must be 'ce', 'supcon' or None (the preset's), got "
+                f"{self.local_loss!r}"
             )
         if self.encoder_resolution not in ("input", "boundary"):
             raise ValueError(
@@ -156,9 +214,13 @@ class ContSupConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ContSupConfig: {name} must be an int >= 1, got {value!r}")
-        if self.aux_channel_cap is not None and self.aux_channel_cap < 1:
+        cap = self.aux_channel_cap
+        if cap not in (None, "final", "off") and (
+            isinstance(cap, bool) or not isinstance(cap, int) or cap < 1
+        ):
             raise ValueError(
-                f"ContSupConfig: aux_channel_cap must be None or >= 1, got {self.aux_channel_cap}"
+                "ContSupConfig: aux_channel_cap must be 'final', 'off', an int >= 1 or None (the "
+                f"preset's), got {cap!r}"
             )
         if not self.aux_widen > 0:
             raise ValueError(f"ContSupConfig: aux_widen must be > 0, got {self.aux_widen}")
@@ -166,11 +228,16 @@ class ContSupConfig:
             if not getattr(self, name) > 0:
                 raise ValueError(f"ContSupConfig: {name} must be > 0, got {getattr(self, name)}")
         for name in ("local_weights", "recon_weights"):
-            pair = tuple(float(w) for w in getattr(self, name))
+            if getattr(self, name) is None:
+                continue
+            try:
+                pair = tuple(float(w) for w in getattr(self, name))
+            except (TypeError, ValueError):
+                pair = ()
             if len(pair) != 2 or not all(w >= 0 for w in pair):
                 raise ValueError(
-                    f"ContSupConfig: {name} must be (first, last) with both >= 0, got "
-                    f"{getattr(self, name)!r}"
+                    f"ContSupConfig: {name} must be (first, last) with both >= 0, or None (the "
+                    f"preset's), got {getattr(self, name)!r}"
                 )
             object.__setattr__(self, name, pair)
         mean, std = tuple(map(float, self.image_mean)), tuple(map(float, self.image_std))
@@ -183,10 +250,19 @@ class ContSupConfig:
         object.__setattr__(self, "image_std", std)
 
     def module_weights(self, module: int) -> tuple[float, float]:
-        """(local weight, reconstruction weight) of local module ``module`` (1..K-1)."""
+        """(local weight, reconstruction weight) of local module ``module`` (1..K-1).
+
+        Needs both weight pairs set; :class:`ContSup` fills in those left to the preset (use
+        ``ContSup.module_weights`` or ``ContSup.config``).
+        """
         k = self.num_modules
         if not 1 <= module <= k - 1:
             raise ValueError(f"ContSupConfig: local modules are 1..{k - 1}, got {module}")
+        if self.local_weights is None or self.recon_weights is None:
+            raise ValueError(
+                "ContSupConfig.module_weights: local_weights or recon_weights is None (left to "
+                "the preset, which needs the model); use ContSup.module_weights"
+            )
         ratio = (module - 1) / (k - 2) if k > 2 else 0.0
 
         def lerp(pair: tuple[float, float]) -> float:
@@ -306,6 +382,15 @@ class ContSup(nn.Module):
             module names) for models without an automatic one.
         example_input: an input the model accepts, for the shape probe; default
             ``zeros(2, 3, 32, 32)``. Its batch size does not matter.
+
+    Attributes:
+        config: the config as resolved for this model: every option its preset left None is
+            filled in (head cap, local loss, loss weights), so it records what runs.
+        boundaries: the (stage, block) positions where modules 1..K-1 end.
+        split_source: where the split came from ("infopro table (resnet32, K=8)", "even", ...).
+        weights_source: where the loss weights came from ("given", "published table
+            (resnet32, cifar10, K=16)", "published without the decoder: ...", ...).
+        table_arch: the architecture key used for the tables, or None.
     """
 
     def __init__(
@@ -339,7 +424,10 @@ class ContSup(nn.Module):
         self.image_channels = example_input.shape[1]
         self.num_classes = num_classes
 
-        ends, self.split_source = self._resolve_split(model, split, positions, costs)
+        self.table_arch = config.table_arch or _table_arch(model, split)
+        ends, self.split_source = self._resolve_split(positions, costs)
+        final_channels = shapes[-1][1] if len(shapes[-1]) == 4 else None
+        self.config = config = self._resolve_preset(final_channels)
         self.boundaries: tuple[Position, ...] = tuple(positions[u] for u in ends)
         starts = [0] + [u + 1 for u in ends]
         stops = [u + 1 for u in ends] + [len(units)]
@@ -358,10 +446,11 @@ class ContSup(nn.Module):
         # Channels of module m's input (1-based m): the image for m = 1, else boundary m-1.
         input_channels = [self.image_channels] + boundary_channels
         out_features = num_classes if config.local_loss == "ce" else config.aux_feature_dim
+        cap = None if config.aux_channel_cap == "off" else config.aux_channel_cap
         heads, decoders, context = [], [], []
         for i, channels in enumerate(boundary_channels):  # boundary i ends module i + 1
             heads.append(AuxHead(channels, config.aux_head, out_features, config.aux_feature_dim,
-                                 config.aux_widen, config.aux_channel_cap))
+                                 config.aux_widen, cap))
             if config.reconstruction:
                 decoders.append(ReconstructionDecoder(
                     channels, self.image_channels, config.decoder_width,
@@ -383,6 +472,10 @@ class ContSup(nn.Module):
     def num_modules(self) -> int:
         """K."""
         return len(self.module_ranges)
+
+    def module_weights(self, module: int) -> tuple[float, float]:
+        """(local weight, reconstruction weight) of local module ``module`` (1..K-1)."""
+        return self.config.module_weights(module)
 
     def module_parameters(self, module: int) -> Iterator[nn.Parameter]:
         """The main net's parameters in module ``module`` (1..K; module K includes the head)."""
@@ -631,7 +724,7 @@ class ContSup(nn.Module):
         return shapes, [sum(c.values()) for c in costs], logits.shape[1]
 
     def _resolve_split(
-        self, model: nn.Module, split: BlockSplit, positions: list[Position], costs: list[int]
+        self, positions: list[Position], costs: list[int]
     ) -> tuple[list[int], str]:
         """(unit indices after which modules 1..K-1 end, a description of where they came from)."""
         config = self.config
@@ -663,8 +756,10 @@ class ContSup(nn.Module):
         if config.split == "balanced":
             return balanced_split(costs, k), "balanced"
         balanced = config.split == "infopro_balanced"
-        arch = config.table_arch or _table_arch(model, split)
-        table = published_split(arch, k, balanced) if arch is not None else None
+        arch = self.table_arch
+        table = (
+            published_split(arch, k, balanced, config.table_dataset) if arch is not None else None
+        )
         fallback = "balanced" if balanced else "even"
         if table is None:
             warnings.warn(
@@ -681,9 +776,71 @@ class ContSup(nn.Module):
             )
         return [index[p] for p in table], f"{config.split} table ({arch}, K={k})"
 
+    def _resolve_preset(self, final_channels: int | None) -> ContSupConfig:
+        """The config with every option left None filled in by its preset.
+
+        Sets ``self.weights_source``. Warns once when the published weights are needed and the
+        tables have no entry.
+
+        Args:
+            final_channels: channels of the last unit's output (None if it is not 4-D), the
+                "final" head cap.
+        """
+        config = self.config
+        published = config.preset == "published"
+        cap = config.aux_channel_cap
+        if cap is None:
+            cap = "final" if published else "off"
+        if cap == "final":
+            cap = final_channels if final_channels is not None else "off"
+        local_loss = config.local_loss or ("supcon" if published else "ce")
+        local, recon = config.local_weights, config.recon_weights
+        if local is not None and recon is not None:
+            self.weights_source = "given"
+        else:
+            weights, self.weights_source = self._preset_weights()
+            local = weights.local if local is None else local
+            recon = weights.recon if recon is None else recon
+        return replace(config, aux_channel_cap=cap, local_loss=local_loss, local_weights=local,
+                       recon_weights=recon)
+
+    def _preset_weights(self) -> tuple[LossWeights, str]:
+        """(the preset's loss weights, where they came from), warning where no table has them."""
+        config, arch = self.config, self.table_arch
+        k = config.num_modules
+        if config.preset == "uniform":
+            return _FLAT, "uniform preset: flat (1, 1)"
+        if k == 1:
+            return _FLAT, "end-to-end: no local modules"
+        if not config.reconstruction:
+            # The public code multiplies its table weights in only when the decoder is on.
+            return _FLAT, "published without the decoder: every local loss weight 1"
+        balanced = config.split in ("infopro_balanced", "balanced")
+        key = f"({arch or 'this model'}, {config.table_dataset}, K={k})"
+        kind = "memory-balanced " if balanced else ""
+        if arch is not None:
+            weights = published_loss_weights(arch, config.table_dataset, k, balanced)
+            if weights is not None:
+                return weights, f"published {kind}table {key}"
+            weights = published_loss_weights(arch, config.table_dataset, k, False)
+            if weights is not None:  # only reached for the memory-balanced splits
+                warnings.warn(
+                    f"ContSup: no published memory-balanced loss weights for {key}; using the "
+                    "equal-layer table's",
+                    stacklevel=4,
+                )
+                return weights, f"published table {key} (no memory-balanced entry)"
+        warnings.warn(
+            f"ContSup: no published {kind}loss weights for {key} with the decoder on; using "
+            "flat (1, 1) local and reconstruction weights",
+            stacklevel=4,
+        )
+        return _FLAT, f"flat (1, 1): no published {kind}entry for {key}"
+
     def extra_repr(self) -> str:
         return (f"num_modules={self.num_modules}, boundaries={list(self.boundaries)}, "
-                f"split_source={self.split_source!r}, context={self.config.context!r}")
+                f"split_source={self.split_source!r}, context={self.config.context!r}, "
+                f"preset={self.config.preset!r}, local_loss={self.config.local_loss!r}")
 
 
 def _units_of(split: BlockSplit) -> tuple[list[nn.Module], list[Position], list[str]]:
