@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
@@ -477,9 +478,13 @@ def _named_split(
 class FrozenPartner:
     """A frozen reference network seen through its split: BWRF's FP twin, Block-KD's teacher.
 
-    Freezes the model in place: ``requires_grad_(False)`` and eval mode, kept in eval mode at
-    every use (a ``.train()`` from outside is undone), so its BatchNorm is an affine map and
-    its running statistics never change. Not an ``nn.Module``, so a wrapper holding one does not
+    Works on its own deep copy of the model (and of its split), frozen: ``requires_grad_(False)``
+    and eval mode, kept in eval mode at every use (a ``.train()`` from outside is undone), so its
+    BatchNorm is an affine map and its running statistics never change. The caller's model is
+    left exactly as it was, trainable: quantizing or training it afterwards works (freezing it
+    in place once left ``quantize_model(fp)`` after ``BWRF(..., fp)`` with frozen weights and
+    only its step sizes to train). The copy costs one more set of the model's weights; drop
+    the caller's reference if memory is tight. Not an ``nn.Module``, so a wrapper holding one does not
     hand its parameters to an optimizer nor put them in its ``state_dict``.
 
     Gradients still flow *through* it: a branch input that requires grad gets its gradient, the
@@ -492,17 +497,18 @@ class FrozenPartner:
     ``lean_report()`` names them. The no-grad full forward always runs the original modules.
 
     Args:
-        model: the reference network (frozen in place).
-        split: its BlockSplit.
+        model: the reference network (copied; the copy is frozen).
+        split: its BlockSplit (copied with it, so it runs the copy's modules).
         lean: run the branches through the lean copy (False: plain autograd).
     """
 
     def __init__(self, model: nn.Module, split: BlockSplit, lean: bool = True) -> None:
-        self.model = model
-        self.split = split
-        model.requires_grad_(False)
-        model.eval()
-        split.eval()
+        # One deepcopy of both keeps the split's modules those of the copied model.
+        self.model, self.split = copy.deepcopy((model, split))
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.split.requires_grad_(False)  # glue modules the split may own
+        self.split.eval()
         self.lean_split: BlockSplit | None = None
         if lean:
             from bwrf_ext.lean import make_lean  # bwrf_ext.lean imports the ops, not the engine

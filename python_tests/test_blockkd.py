@@ -212,17 +212,19 @@ def test_teacher_bitwise_unchanged_after_training_steps():
     optimizer = torch.optim.SGD(blockkd.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     for step in range(3):
         blockkd.train()
-        teacher.train()  # an outside .train() must not reach the teacher's BatchNorm
+        blockkd.teacher.train()  # an outside .train() must not reach the teacher's BatchNorm
         out = blockkd(*_batch(seed=step))
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-    after = teacher.state_dict()
-    assert before.keys() == after.keys()
-    for key, value in before.items():  # weights and BN running statistics alike
-        assert torch.equal(value, after[key]), key
-    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
-    assert not any(m.training for m in teacher.modules())
+    for model in (teacher, blockkd.teacher):  # the caller's model and the frozen copy
+        after = model.state_dict()
+        assert before.keys() == after.keys()
+        for key, value in before.items():  # weights and BN running statistics alike
+            assert torch.equal(value, after[key]), key
+        assert all(p.grad is None for p in model.parameters())
+    assert not any(p.requires_grad for p in blockkd.teacher.parameters())
+    assert not any(m.training for m in blockkd.teacher.modules())
     assert not torch.equal(student.state_dict()["layer1.0.conv1.weight"],
                            student_before["layer1.0.conv1.weight"])
     assert not torch.equal(blockkd.connector(2).conv.weight, connector_before)
@@ -237,7 +239,7 @@ def test_parameters_state_and_eval_mode():
     keys = [k for k in blockkd.state_dict() if k != "steps_done"]  # the warm-up's step count
     assert keys[: len(student.state_dict())] == [f"student.{k}" for k in student.state_dict()]
     assert all(k.startswith(("student.", "connectors.")) for k in keys)
-    assert blockkd.teacher is teacher
+    assert blockkd.teacher is not teacher  # a frozen copy
     blockkd.eval()
     calls = []
     handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in teacher.modules()]

@@ -167,6 +167,7 @@ def test_branches_batched_equal_naive_and_composition():
         sum(o.square().sum() for o in out.values()).backward()
         results[batched] = (out, {k: v.grad for k, v in entries.items()})
     entries = {k: v.detach().clone().requires_grad_() for k, v in base.items()}
+    model.eval().requires_grad_(False)  # the oracle: the caller's model, frozen by hand
     pool = lambda t: t.mean((2, 3))  # noqa: E731
     expected = {
         1: model.linear(pool(model.layer3(model.layer2(entries[1])))),
@@ -184,10 +185,14 @@ def test_branches_batched_equal_naive_and_composition():
 def test_partner_stays_frozen_and_in_eval():
     model = resnet20()
     partner = FrozenPartner(model, split_model(model))
-    assert not any(p.requires_grad for p in model.parameters())
-    model.train()
+    assert not any(p.requires_grad for p in partner.model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # the caller's model: untouched
+    partner.model.train()
     partner.branches({2: torch.randn(2, 32, 8, 8)})
-    assert not any(m.training for m in model.modules())
+    assert not any(m.training for m in partner.model.modules())
+    # The split runs the copy's modules, not the caller's.
+    copied = {id(m) for m in partner.model.modules()}
+    assert all(id(m) in copied for m in partner.split.blocks[0].modules())
 
 
 def test_branches_reject_a_missing_block():

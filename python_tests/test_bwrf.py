@@ -163,17 +163,20 @@ def test_partner_bitwise_unchanged_after_training_steps():
     optimizer = torch.optim.SGD(bwrf.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     for step in range(3):
         bwrf.train()
-        fp.train()  # an outside .train() must not reach the partner's BatchNorm
+        bwrf.fp_model.train()  # an outside .train() must not reach the partner's BatchNorm
         out = bwrf(*_batch(seed=step))
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
-    after = fp.state_dict()
-    assert before.keys() == after.keys()
-    for key, value in before.items():  # weights and BN running statistics alike
-        assert torch.equal(value, after[key]), key
-    assert all(p.grad is None and not p.requires_grad for p in fp.parameters())
-    assert not any(m.training for m in fp.modules())
+    for model in (fp, bwrf.fp_model):  # the caller's model and the partner's frozen copy
+        after = model.state_dict()
+        assert before.keys() == after.keys()
+        for key, value in before.items():  # weights and BN running statistics alike
+            assert torch.equal(value, after[key]), key
+        assert all(p.grad is None for p in model.parameters())
+    assert not any(p.requires_grad for p in bwrf.fp_model.parameters())
+    assert not any(m.training for m in bwrf.fp_model.modules())
+    assert all(p.requires_grad for p in fp.parameters())  # the caller's: left as it was
     assert not torch.equal(lp.state_dict()["layer1.0.conv1.weight"],
                            lp_before["layer1.0.conv1.weight"])
 
@@ -185,9 +188,22 @@ def test_wrapper_hands_only_lp_parameters_and_state():
     assert [id(p) for p in bwrf.parameters()] == [id(p) for p in lp.parameters()]
     assert [id(p) for p in bwrf.lp_parameters()] == [id(p) for p in lp.parameters()]
     assert list(bwrf.state_dict()) == [f"lp_model.{k}" for k in lp.state_dict()]
-    assert bwrf.fp_model is fp
+    assert bwrf.fp_model is not fp  # a frozen copy
     bwrf.train()
-    assert lp.training and not fp.training
+    assert lp.training and not bwrf.fp_model.training
+
+
+def test_quantizing_after_wrapping_still_trains_every_weight():
+    """The issue-18 trap: BWRF(.., fp) once froze fp in place, so quantize_model(fp) afterwards
+    gave a model with only its step sizes trainable."""
+    fp = _fp_model()
+    BWRF(_lp_model(fp), fp)  # e.g. an LSQ+KD baseline built first from the same fp
+    lp = _lp_model(fp)
+    bwrf = BWRF(lp, fp)
+    assert all(p.requires_grad for p in lp.parameters())
+    assert sum(p.numel() for p in bwrf.parameters() if p.requires_grad) == sum(
+        p.numel() for p in lp.parameters()
+    )
 
 
 def test_eval_runs_only_the_lp_model():

@@ -267,7 +267,8 @@ class BlockKD(PartneredModule):
     In eval mode only the student runs. The loss is documented in :class:`BlockKDConfig`.
 
     The student may be quantized (``bwrf_ext.quantize_model``) or not: the wrapper only runs
-    blocks. The teacher is frozen in place and held outside the module tree: ``parameters()``
+    blocks. The teacher is a frozen copy of the model given (the caller's is left as it was) and
+    is held outside the module tree: ``parameters()``
     and ``state_dict()`` are the student's and the connectors', so
     ``torch.optim.SGD(blockkd.parameters(), ...)`` trains both. For inference keep
     ``blockkd.student``.
@@ -283,7 +284,7 @@ class BlockKD(PartneredModule):
 
     Args:
         student: the model to train.
-        teacher: the teacher; frozen in place, never modified.
+        teacher: the teacher; copied and the copy frozen, the caller's model never modified.
         config: loss and stone options (default BlockKDConfig()).
         connectors: None for :func:`conv_bn_connector`; a :data:`ConnectorFactory`; or
             stone index -> module for every stone (modules must be new: they are trained).
@@ -344,7 +345,7 @@ class BlockKD(PartneredModule):
 
     @property
     def teacher(self) -> nn.Module:
-        """The frozen teacher."""
+        """The frozen teacher (a copy of the model given)."""
         return self.partner.model
 
     @property

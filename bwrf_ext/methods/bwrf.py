@@ -113,8 +113,9 @@ class BWRF(PartneredModule):
     blocks i+1..N and the FP head, batched by default. MP gradients reach LP blocks 1..i
     through the frozen FP blocks. In eval mode only the LP model runs.
 
-    The FP partner is frozen in place (``requires_grad_(False)``, eval mode kept through
-    ``.train()``) and held outside the module tree: ``parameters()`` and ``state_dict()`` are the
+    The FP partner is a frozen copy of ``fp_model`` (``requires_grad_(False)``, eval mode kept
+    through ``.train()``; the caller's model is left as it was, so it can still be quantized or
+    trained in any order) and held outside the module tree: ``parameters()`` and ``state_dict()`` are the
     LP model's only, so ``torch.optim.SGD(bwrf.parameters(), ...)`` trains the LP model alone,
     and a checkpoint is ``bwrf.lp_model.state_dict()``. ``.to()``/``.cuda()`` move the partner
     too. For inference keep ``bwrf.lp_model``.
@@ -171,7 +172,7 @@ class BWRF(PartneredModule):
 
     @property
     def fp_model(self) -> nn.Module:
-        """The frozen FP partner."""
+        """The frozen FP partner (a copy of the model given: the caller's stays trainable)."""
         return self.partner.model
 
     @property
