@@ -484,8 +484,8 @@ class FrozenPartner:
     left exactly as it was, trainable: quantizing or training it afterwards works (freezing it
     in place once left ``quantize_model(fp)`` after ``BWRF(..., fp)`` with frozen weights and
     only its step sizes to train). The copy costs one more set of the model's weights; drop
-    the caller's reference if memory is tight. Not an ``nn.Module``, so a wrapper holding one does not
-    hand its parameters to an optimizer nor put them in its ``state_dict``.
+    the caller's reference if memory is tight. Not an ``nn.Module``, so a wrapper holding one
+    does not hand its parameters to an optimizer nor put them in its ``state_dict``.
 
     Gradients still flow *through* it: a branch input that requires grad gets its gradient, the
     partner's parameters get none.

@@ -115,10 +115,10 @@ class BWRF(PartneredModule):
 
     The FP partner is a frozen copy of ``fp_model`` (``requires_grad_(False)``, eval mode kept
     through ``.train()``; the caller's model is left as it was, so it can still be quantized or
-    trained in any order) and held outside the module tree: ``parameters()`` and ``state_dict()`` are the
-    LP model's only, so ``torch.optim.SGD(bwrf.parameters(), ...)`` trains the LP model alone,
-    and a checkpoint is ``bwrf.lp_model.state_dict()``. ``.to()``/``.cuda()`` move the partner
-    too. For inference keep ``bwrf.lp_model``.
+    trained in any order) and held outside the module tree: ``parameters()`` and
+    ``state_dict()`` are the LP model's only, so ``torch.optim.SGD(bwrf.parameters(), ...)``
+    trains the LP model alone, and a checkpoint is ``bwrf.lp_model.state_dict()``.
+    ``.to()``/``.cuda()`` move the partner too. For inference keep ``bwrf.lp_model``.
 
     Example::
 
