@@ -8,7 +8,9 @@ the same functions run bwrf_ext.reference under a torch.autograd.Function.
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 
 from bwrf_ext import reference
@@ -16,6 +18,36 @@ from bwrf_ext._backend import compiled
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32 = (-(2**31), 2**31 - 1)
+
+
+def _describe(value: object) -> str:
+    """How an error message shows a received value: a tensor's dtype, else type and value."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _is_int(value: object) -> bool:
+    """A Python or NumPy integer, not a bool (True would silently mean 1)."""
+    if isinstance(value, int):  # the common case first: cheap, and traceable by torch.compile
+        return not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_real(value: object) -> bool:
+    """A Python or NumPy real number (or a symbolic one under torch.compile), not a bool."""
+    if isinstance(value, (float, int)):
+        return not isinstance(value, bool)
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return True
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_float_tensor(op: str, name: str, value: object) -> None:
+    if not isinstance(value, torch.Tensor) or value.dtype not in _FLOAT_DTYPES:
+        got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {got}")
 
 
 def check_lsq_args(
@@ -26,21 +58,45 @@ def check_lsq_args(
     qmax: int,
     grad_factor: float,
     axis: int | None,
+    clip_before_round: bool = False,
 ) -> None:
-    """Raises a clear error for arguments the LSQ ops reject (same rules as the C++ checks)."""
-    if not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES:
-        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"{op}: x must be float32, float16 or bfloat16, got {got}")
-    if not isinstance(scale, torch.Tensor) or scale.dtype not in _FLOAT_DTYPES:
-        got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
-        raise TypeError(f"{op}: scale must be float32, float16 or bfloat16, got {got}")
+    """Raises a clear error for arguments the LSQ ops reject, before either backend runs.
+
+    The same rules and messages as the C++ checks, plus the types the C++ schema would reject
+    with a bare RuntimeError (or accept by conversion): so the compiled ops and the
+    pure-PyTorch fallback refuse exactly the same calls with exactly the same errors.
+
+    Raises:
+        TypeError: x or scale not a float32/float16/bfloat16 tensor; qmin/qmax not an int
+            (a bool or a float is refused); grad_factor not a real number; axis neither an int
+            nor None; clip_before_round not a bool.
+        ValueError: scale on another device or of the wrong shape; qmin >= qmax or outside
+            int32; grad_factor negative or not finite.
+        IndexError: axis outside x's dimensions.
+    """
+    _check_float_tensor(op, "x", x)
+    _check_float_tensor(op, "scale", scale)
+    for name, value in (("qmin", qmin), ("qmax", qmax)):
+        if not _is_int(value):
+            raise TypeError(f"{op}: {name} must be an int, got {_describe(value)}")
+    if not _is_real(grad_factor):
+        raise TypeError(f"{op}: grad_factor must be a real number, got {_describe(grad_factor)}")
+    if axis is not None and not _is_int(axis):
+        raise TypeError(f"{op}: axis must be an int or None, got {_describe(axis)}")
+    if not isinstance(clip_before_round, bool):
+        raise TypeError(
+            f"{op}: clip_before_round must be a bool, got {_describe(clip_before_round)}"
+        )
     if scale.device != x.device:
         raise ValueError(f"{op}: scale must be on x's device {x.device}, got {scale.device}")
     if not (_INT32[0] <= qmin and qmax <= _INT32[1]):
         raise ValueError(f"{op}: qmin and qmax must fit in int32, got qmin={qmin}, qmax={qmax}")
     if not qmin < qmax:
         raise ValueError(f"{op}: qmin must be < qmax, got qmin={qmin}, qmax={qmax}")
-    if not (math.isfinite(grad_factor) and grad_factor >= 0):
+    # A symbolic grad_factor (torch.compile with dynamic shapes) is checked by the kernel.
+    if not isinstance(grad_factor, (torch.SymFloat, torch.SymInt)) and not (
+        math.isfinite(grad_factor) and grad_factor >= 0
+    ):
         raise ValueError(f"{op}: grad_factor must be a finite number >= 0, got {grad_factor}")
     if axis is None:
         if scale.numel() != 1 or scale.dim() > 1:
@@ -63,6 +119,35 @@ def check_lsq_args(
         )
 
 
+def check_grad_y(grad_y: torch.Tensor, x: torch.Tensor) -> None:
+    """The backward's own checks on grad_y (after :func:`check_lsq_args`, as in C++)."""
+    op = "lsq_fake_quant_backward"
+    if not isinstance(grad_y, torch.Tensor):
+        raise TypeError(f"{op}: grad_y must be a tensor of x's dtype {x.dtype}, got "
+                        f"{type(grad_y).__name__}")  # fmt: skip
+    if grad_y.shape != x.shape:
+        raise ValueError(
+            f"{op}: grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}"
+        )
+    if grad_y.dtype != x.dtype:
+        raise TypeError(f"{op}: grad_y must have x's dtype {x.dtype}, got {grad_y.dtype}")
+    if grad_y.device != x.device:
+        raise ValueError(f"{op}: grad_y must be on x's device {x.device}, got {grad_y.device}")
+
+
+def _canonical(qmin, qmax, grad_factor, axis) -> tuple:
+    """NumPy scalars as Python numbers (what the C++ schema and torch.compile take)."""
+    if type(qmin) is not int:
+        qmin = int(qmin)
+    if type(qmax) is not int:
+        qmax = int(qmax)
+    if type(grad_factor) is not float and isinstance(grad_factor, numbers.Real):
+        grad_factor = float(grad_factor)
+    if axis is not None and type(axis) is not int:
+        axis = int(axis)
+    return qmin, qmax, grad_factor, axis
+
+
 if compiled is not None:
 
     @torch.library.register_fake("bwrf_ext::lsq_fake_quant")
@@ -75,7 +160,7 @@ if compiled is not None:
         grad_y, x, scale, qmin, qmax, grad_factor, axis=None, clip_before_round=False
     ):
         check_lsq_args("lsq_fake_quant_backward", x, scale, qmin, qmax, grad_factor, axis)
-        torch._check(grad_y.shape == x.shape, lambda: "grad_y must have x's shape")
+        check_grad_y(grad_y, x)
         return torch.empty_like(x), torch.empty(scale.shape, dtype=scale.dtype, device=x.device)
 
     def _setup_context(ctx, inputs, output):
@@ -136,10 +221,15 @@ def lsq_fake_quant(
     ``grad_y * qmax`` below / above it over each scale's elements, in fp32, deterministically,
     then multiplies by grad_factor.
 
-    Step sizes <= 0 (and NaN) are replaced by the smallest normal fp32 number (about 1.2e-38), so
-    a finite x never yields NaN or inf: x becomes 0 or is clipped to qmin*s / qmax*s. Keeping s
-    positive is the caller's job (``bwrf_ext.LSQQuantizer`` does it). A NaN in x gives NaN in y and
-    in grad_scale, so bad inputs stay visible.
+    Step sizes <= 0 (and NaN) are replaced by the smallest normal fp32 number (about 1.2e-38):
+    x becomes 0 or is clipped to qmin*s / qmax*s. So a finite x with a finite s never yields NaN
+    (y overflows to +-inf only where |x| + s/2 passes the fp32 range). s = +inf is not repaired:
+    x/s is 0 and 0 * inf gives NaN for every x (grad_scale 0). Keeping s positive and finite is
+    the caller's job (``bwrf_ext.LSQQuantizer`` does it). A NaN in x gives NaN in y and in
+    grad_scale, so bad inputs stay visible.
+
+    Both backends (the compiled kernels and the pure-PyTorch fallback) check the arguments with
+    :func:`check_lsq_args` before running, so they refuse the same calls with the same errors.
 
     Args:
         x: (any shape) float32, float16 or bfloat16.
@@ -154,12 +244,16 @@ def lsq_fake_quant(
 
     Returns:
         Tensor of x's shape and dtype.
+
+    Raises:
+        TypeError, ValueError, IndexError: see :func:`check_lsq_args`.
     """
-    if compiled is not None:  # the C++ op checks its arguments with the same messages
+    check_lsq_args("lsq_fake_quant", x, scale, qmin, qmax, grad_factor, axis, clip_before_round)
+    qmin, qmax, grad_factor, axis = _canonical(qmin, qmax, grad_factor, axis)
+    if compiled is not None:
         return torch.ops.bwrf_ext.lsq_fake_quant(
             x, scale, qmin, qmax, grad_factor, axis, clip_before_round
         )
-    check_lsq_args("lsq_fake_quant", x, scale, qmin, qmax, grad_factor, axis)
     return _ReferenceLSQFakeQuant.apply(x, scale, qmin, qmax, grad_factor, axis, clip_before_round)
 
 
@@ -178,16 +272,19 @@ def lsq_fake_quant_backward(
 
     Returns:
         (grad_x, grad_scale): grad_x like x; grad_scale with scale's shape and dtype.
+
+    Raises:
+        TypeError, ValueError, IndexError: see :func:`check_lsq_args`; also grad_y not a tensor
+            of x's shape, dtype and device.
     """
-    if compiled is not None:  # the C++ op checks its arguments with the same messages
+    check_lsq_args(
+        "lsq_fake_quant_backward", x, scale, qmin, qmax, grad_factor, axis, clip_before_round
+    )
+    check_grad_y(grad_y, x)
+    qmin, qmax, grad_factor, axis = _canonical(qmin, qmax, grad_factor, axis)
+    if compiled is not None:
         return torch.ops.bwrf_ext.lsq_fake_quant_backward(
             grad_y, x, scale, qmin, qmax, grad_factor, axis, clip_before_round
-        )
-    check_lsq_args("lsq_fake_quant_backward", x, scale, qmin, qmax, grad_factor, axis)
-    if grad_y.shape != x.shape:
-        raise ValueError(
-            f"lsq_fake_quant_backward: grad_y must have x's shape {tuple(x.shape)}, "
-            f"got {tuple(grad_y.shape)}"
         )
     return reference.lsq_fake_quant_backward(
         grad_y, x, scale, qmin, qmax, grad_factor, axis, clip_before_round
@@ -196,10 +293,12 @@ def lsq_fake_quant_backward(
 
 def _check_mask_args(op: str, packed: torch.Tensor, grad: torch.Tensor) -> None:
     """Raises a clear error for arguments unpack_mask_mul rejects (the C++ checks' rules)."""
-    if not grad.dtype.is_floating_point:
-        raise TypeError(f"{op}: grad must be a floating-point tensor, got {grad.dtype}")
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"{op}: packed must be uint8, got {packed.dtype}")
+    if not isinstance(grad, torch.Tensor) or not grad.dtype.is_floating_point:
+        got = grad.dtype if isinstance(grad, torch.Tensor) else type(grad).__name__
+        raise TypeError(f"{op}: grad must be a floating-point tensor, got {got}")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise TypeError(f"{op}: packed must be uint8, got {got}")
     if packed.device != grad.device:
         raise ValueError(
             f"{op}: packed must be on grad's device {grad.device}, got {packed.device}"
@@ -245,6 +344,10 @@ def pack_mask(x: torch.Tensor, lower: float = 0.0, upper: float | None = None) -
     if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"pack_mask: x must be a floating-point tensor, got {got}")
+    if not _is_real(lower):
+        raise TypeError(f"pack_mask: lower must be a real number, got {_describe(lower)}")
+    if upper is not None and not _is_real(upper):
+        raise TypeError(f"pack_mask: upper must be a real number or None, got {_describe(upper)}")
     if compiled is not None:
         return torch.ops.bwrf_ext.pack_mask(x, lower, upper)
     return reference.pack_mask(x, lower, upper)

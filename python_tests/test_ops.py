@@ -4,9 +4,14 @@ Run twice by `make test`: with the compiled kernels, and with BWRF_EXT_FORCE_REF
 fallback a user without a compiler gets). CUDA tests run whenever a GPU is present.
 """
 
+import json
 import math
 import os
+import re
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -299,6 +304,173 @@ def test_bad_input_errors_from_cpp(overrides, error, message):
     """The C++ checks (what C++ users and torch.ops callers get) say the same."""
     with pytest.raises(error, match=message):
         _call_with(overrides, torch.ops.bwrf_ext.lsq_fake_quant)
+
+
+def _fwd(**overrides):
+    args = dict(x=torch.ones(3, 4), scale=torch.ones(1), qmin=-2, qmax=1, grad_factor=1.0,
+                axis=None, clip_before_round=False)  # fmt: skip
+    args.update(overrides)
+    clip = args.pop("clip_before_round")
+    return bwrf_ext.lsq_fake_quant(*args.values(), clip_before_round=clip)
+
+
+def _bwd(grad_y=None, **overrides):
+    args = dict(x=torch.ones(3, 4), scale=torch.ones(1), qmin=-2, qmax=1, grad_factor=1.0,
+                axis=None, clip_before_round=False)  # fmt: skip
+    args.update(overrides)
+    clip = args.pop("clip_before_round")
+    grad_y = torch.ones(3, 4) if grad_y is None else grad_y
+    return bwrf_ext.lsq_fake_quant_backward(grad_y, *args.values(), clip_before_round=clip)
+
+
+_OP = "lsq_fake_quant: "
+_FLOATS = "must be float32, float16 or bfloat16, got "
+# (case, call, error type, message): every argument the ops refuse, each with the one error
+# both backends must give. The types the C++ schema would refuse with a bare RuntimeError (or
+# accept by conversion: a bool qmin, a float qmin on the fallback) are among them.
+BAD_ARGUMENTS = [
+    ("x int32", lambda: _fwd(x=torch.ones(3, dtype=torch.int32)), TypeError,
+     _OP + "x " + _FLOATS + "torch.int32"),
+    ("x float64", lambda: _fwd(x=torch.ones(3, dtype=torch.float64)), TypeError,
+     _OP + "x " + _FLOATS + "torch.float64"),
+    ("x numpy", lambda: _fwd(x=np.ones(3, np.float32)), TypeError,
+     _OP + "x " + _FLOATS + "ndarray"),
+    ("scale float", lambda: _fwd(scale=0.5), TypeError, _OP + "scale " + _FLOATS + "float"),
+    ("scale None", lambda: _fwd(scale=None), TypeError, _OP + "scale " + _FLOATS + "NoneType"),
+    ("scale numpy", lambda: _fwd(scale=np.ones(1, np.float32)), TypeError,
+     _OP + "scale " + _FLOATS + "ndarray"),
+    ("scale int64", lambda: _fwd(scale=torch.ones(1, dtype=torch.int64)), TypeError,
+     _OP + "scale " + _FLOATS + "torch.int64"),
+    ("scale shape", lambda: _fwd(scale=torch.ones(2)), ValueError,
+     _OP + "per-tensor scale (axis=None) must have shape () or (1,), got (2,)"),
+    ("scale per-channel shape", lambda: _fwd(scale=torch.ones(4), axis=0), ValueError,
+     _OP + "per-channel scale must have shape (3,) = (x.shape[0],), got (4,)"),
+    ("qmin float", lambda: _fwd(qmin=0.5, qmax=7), TypeError,
+     _OP + "qmin must be an int, got float 0.5"),
+    ("qmin bool", lambda: _fwd(qmin=False, qmax=7), TypeError,
+     _OP + "qmin must be an int, got bool False"),
+    ("qmax str", lambda: _fwd(qmax="7"), TypeError, _OP + "qmax must be an int, got str '7'"),
+    ("qmax tensor", lambda: _fwd(qmax=torch.tensor(7)), TypeError,
+     _OP + "qmax must be an int, got a torch.int64 tensor"),
+    ("qmin == qmax", lambda: _fwd(qmin=3, qmax=3), ValueError,
+     _OP + "qmin must be < qmax, got qmin=3, qmax=3"),
+    ("qmin beyond int32", lambda: _fwd(qmin=-(2**31) - 1), ValueError,
+     _OP + "qmin and qmax must fit in int32, got qmin=-2147483649, qmax=1"),
+    ("grad_factor str", lambda: _fwd(grad_factor="1"), TypeError,
+     _OP + "grad_factor must be a real number, got str '1'"),
+    ("grad_factor tensor", lambda: _fwd(grad_factor=torch.tensor(1.0)), TypeError,
+     _OP + "grad_factor must be a real number, got a torch.float32 tensor"),
+    ("grad_factor bool", lambda: _fwd(grad_factor=True), TypeError,
+     _OP + "grad_factor must be a real number, got bool True"),
+    ("grad_factor -1", lambda: _fwd(grad_factor=-1.0), ValueError,
+     _OP + "grad_factor must be a finite number >= 0, got -1.0"),
+    ("grad_factor inf", lambda: _fwd(grad_factor=float("inf")), ValueError,
+     _OP + "grad_factor must be a finite number >= 0, got inf"),
+    ("axis float", lambda: _fwd(scale=torch.ones(3), axis=0.0), TypeError,
+     _OP + "axis must be an int or None, got float 0.0"),
+    ("axis bool", lambda: _fwd(scale=torch.ones(3), axis=False), TypeError,
+     _OP + "axis must be an int or None, got bool False"),
+    ("axis out of range", lambda: _fwd(scale=torch.ones(3), axis=2), IndexError,
+     _OP + "axis must be in [-2, 1] for x of shape (3, 4), got 2"),
+    ("clip_before_round int", lambda: _fwd(clip_before_round=1), TypeError,
+     _OP + "clip_before_round must be a bool, got int 1"),
+    ("backward qmin float", lambda: _bwd(qmin=0.5, qmax=7), TypeError,
+     "lsq_fake_quant_backward: qmin must be an int, got float 0.5"),
+    ("backward grad_y shape", lambda: _bwd(torch.ones(4)), ValueError,
+     "lsq_fake_quant_backward: grad_y must have x's shape (3, 4), got (4,)"),
+    ("backward grad_y dtype", lambda: _bwd(torch.ones(3, 4, dtype=torch.float16)), TypeError,
+     "lsq_fake_quant_backward: grad_y must have x's dtype torch.float32, got torch.float16"),
+    ("backward grad_y numpy", lambda: _bwd(np.ones((3, 4), np.float32)), TypeError,
+     "lsq_fake_quant_backward: grad_y must be a tensor of x's dtype torch.float32, got ndarray"),
+    ("pack_mask x int", lambda: bwrf_ext.pack_mask(torch.ones(3, dtype=torch.int32)), TypeError,
+     "pack_mask: x must be a floating-point tensor, got torch.int32"),
+    ("pack_mask lower str", lambda: bwrf_ext.pack_mask(torch.ones(3), "0"), TypeError,
+     "pack_mask: lower must be a real number, got str '0'"),
+    ("pack_mask upper tensor", lambda: bwrf_ext.pack_mask(torch.ones(3), 0.0, torch.tensor(6.0)),
+     TypeError, "pack_mask: upper must be a real number or None, got a torch.float32 tensor"),
+    ("unpack packed numpy", lambda: bwrf_ext.unpack_mask_mul(np.zeros(1, np.uint8), torch.ones(3)),
+     TypeError, "unpack_mask_mul: packed must be uint8, got ndarray"),
+    ("unpack packed float", lambda: bwrf_ext.unpack_mask_mul(torch.zeros(1), torch.ones(3)),
+     TypeError, "unpack_mask_mul: packed must be uint8, got torch.float32"),
+    ("unpack grad int", lambda: bwrf_ext.unpack_mask_mul(
+        torch.zeros(1, dtype=torch.uint8), torch.ones(3, dtype=torch.int32)), TypeError,
+     "unpack_mask_mul: grad must be a floating-point tensor, got torch.int32"),
+    ("unpack packed length", lambda: bwrf_ext.unpack_mask_mul(
+        torch.zeros(3, dtype=torch.uint8), torch.ones(3)), ValueError,
+     "unpack_mask_mul: packed must have shape (1,) = (ceil(grad.numel() / 8),), got (3,)"),
+]  # fmt: skip
+
+
+def bad_argument_outcomes() -> dict[str, list[str]]:
+    """Every BAD_ARGUMENTS case on the backend loaded here: case -> [error type, message]."""
+    outcomes = {}
+    for case, call, _, _ in BAD_ARGUMENTS:
+        try:
+            call()
+            outcomes[case] = ["no error", ""]
+        except Exception as error:  # the type is what is compared
+            outcomes[case] = [type(error).__name__, str(error)]
+    return outcomes
+
+
+@pytest.mark.parametrize(("case", "call", "error", "message"), BAD_ARGUMENTS,
+                         ids=[case[0] for case in BAD_ARGUMENTS])  # fmt: skip
+def test_bad_argument_error(case, call, error, message):
+    """On the backend loaded here (make test runs this module on both)."""
+    with pytest.raises(error, match="^" + re.escape(message) + "$"):
+        call()
+
+
+# Imports this module in a fresh process on the backend BWRF_EXT_FORCE_REFERENCE selects and
+# prints its outcomes.
+_OUTCOMES_PROBE = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("ops_cases", sys.argv[1])
+cases = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cases)
+print(json.dumps({"backend": cases.bwrf_ext.build_info()["backend"],
+                  "outcomes": cases.bad_argument_outcomes()}))
+"""
+
+
+def test_bad_arguments_give_the_same_error_on_both_backends():
+    """The compiled ops and the pure-PyTorch fallback, each in its own process: same type,
+    same message, for every case."""
+    results = {}
+    for force in ("0", "1"):
+        done = subprocess.run(
+            [sys.executable, "-c", _OUTCOMES_PROBE, __file__], capture_output=True, text=True,
+            env={**os.environ, "BWRF_EXT_FORCE_REFERENCE": force}, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[force] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results["1"]["backend"] == "reference"
+    if results["0"]["backend"] != "compiled":
+        pytest.skip("the compiled ops are not built: there is one backend only")
+    compiled_outcomes, reference_outcomes = results["0"]["outcomes"], results["1"]["outcomes"]
+    for case, _, error, message in BAD_ARGUMENTS:
+        assert compiled_outcomes[case] == [error.__name__, message], case
+        assert reference_outcomes[case] == compiled_outcomes[case], case
+
+
+def test_numpy_scalars_are_python_numbers():
+    """NumPy integers and floats are accepted as the ints and floats they hold."""
+    x, scale = torch.linspace(-3, 3, 13), torch.tensor([0.5])
+    expected = reference.lsq_fake_quant(x, scale, -4, 3)
+    got = bwrf_ext.lsq_fake_quant(x, scale, np.int64(-4), np.int32(3), np.float32(0.25))
+    assert torch.equal(got, expected)
+
+
+def test_infinite_scale_gives_nan_as_documented():
+    """s = +inf is not repaired (the docstring says so): x/s = 0 and 0 * inf is NaN; a huge
+    finite s gives finite values."""
+    x = torch.tensor([-3.0, 0.0, 2.5, 3e38])
+    scale = torch.tensor([float("inf")], requires_grad=True)
+    y = bwrf_ext.lsq_fake_quant(x, scale, -8, 7, 1.0)
+    y.sum().backward()
+    assert torch.isnan(y).all() and scale.grad.item() == 0.0
+    y = bwrf_ext.lsq_fake_quant(x, torch.tensor([3e38]), -8, 7, 1.0)
+    assert y.tolist() == [0.0, 0.0, 0.0, torch.tensor(3e38).item()]
 
 
 def test_grad_y_shape_error():
