@@ -348,6 +348,29 @@ def check_split_of(split: BlockSplit, model: nn.Module, who: str, what: str) -> 
         raise ValueError(f"{who}: {what} holds parameters not in its model: {foreign[:3]}")
 
 
+def check_same_classes(
+    trained: BlockSplit, frozen: BlockSplit, who: str, names: tuple[str, str]
+) -> None:
+    """Raises ValueError if the two heads end in nn.Linear layers of different widths.
+
+    The methods compare the two models' logits (KD), which fails only at the first forward
+    otherwise; heads without a final nn.Linear are not checked.
+
+    Args:
+        who: the caller for the message, e.g. "BWRF".
+        names: how the message names the two models, trained first.
+    """
+    widths = []
+    for split in (trained, frozen):
+        linears = [m for m in split.head.modules() if isinstance(m, nn.Linear)]
+        widths.append(linears[-1].out_features if linears else None)
+    if None not in widths and widths[0] != widths[1]:
+        raise ValueError(
+            f"{who}: {names[0]} outputs {widths[0]} classes, {names[1]} {widths[1]}; their "
+            "logits are compared, so they must classify the same classes"
+        )
+
+
 def _automatic_split(model: nn.Module) -> BlockSplit:
     from bwrf_ext.models.kd_zoo import KDResNet, WideResNet, kd_zoo_split
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -90,7 +91,20 @@ def quantize_model(
 
     Returns:
         The converted model (``model`` itself when inplace).
+
+    Raises:
+        TypeError: model is not an nn.Module.
+        ValueError: bits out of range.
+
+    Warns:
+        UserWarning: the model has nothing to quantize (no nn.Conv2d / nn.Linear, or every one
+            left in full precision), or a ``skip`` / ``bits_overrides`` pattern matches no layer
+            (a typo there would otherwise go unnoticed).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"quantize_model: model must be an nn.Module, got {type(model).__name__}"
+        )
     if first_last_bits != "same" and first_last_bits is not None:
         check_bits(first_last_bits, "quantize_model: first_last_bits")
     if not inplace:
@@ -103,6 +117,7 @@ def quantize_model(
         for name, module in model.named_modules(remove_duplicate=False)
         if type(module) in _QUANT_TYPE_OF and name
     ]
+    _warn_unmatched(candidates, skip, overrides)
     first_last = _first_and_last(candidates)
     replacements: dict[int, nn.Module] = {}
     for name, module in candidates:
@@ -127,7 +142,44 @@ def quantize_model(
             logger.info("quantize_model: %s -> %s w%s a%s", name, quant_type.__name__, *bits)
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, replacements[id(module)])
+    if all(replacements[id(module)] is module for _, module in candidates):
+        _warn_nothing_quantized(model, len(candidates))
     return model
+
+
+def _warn_unmatched(
+    candidates: list[tuple[str, nn.Module]], skip: tuple[str, ...], overrides: dict
+) -> None:
+    """Warns about each skip / bits_overrides pattern that names no convertible layer."""
+    names = [name for name, _ in candidates]
+    for option, patterns in (("skip", skip), ("bits_overrides", tuple(overrides))):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                examples = ", ".join(repr(n) for n in names[:3]) or "none"
+                warnings.warn(
+                    f"quantize_model: {option} pattern {pattern!r} matches no nn.Conv2d / "
+                    f"nn.Linear layer (names look like {examples})",
+                    UserWarning,
+                    stacklevel=3,
+                )
+
+
+def _warn_nothing_quantized(model: nn.Module, candidates: int) -> None:
+    already = sum(isinstance(m, (QuantConv2d, QuantLinear)) for m in model.modules())
+    if candidates:
+        why = (
+            f"all {candidates} nn.Conv2d / nn.Linear layers stay in full precision (skip, "
+            "filter_fn, bits_overrides or bits None)"
+        )
+    elif already:
+        why = f"it holds no nn.Conv2d or nn.Linear ({already} layers are already quantized)"
+    else:
+        why = "it holds no nn.Conv2d or nn.Linear"
+    warnings.warn(
+        f"quantize_model: nothing was quantized in {type(model).__name__}: {why}",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _first_and_last(candidates: list[tuple[str, nn.Module]]) -> set[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import textwrap
 
 import pytest
 import torch
@@ -282,6 +284,26 @@ def test_config_and_input_errors():
         bwrf.train()(torch.randn(SHAPE))
     with pytest.raises(ValueError, match="every loss term has weight 0"):
         bwrf(*_batch())
+
+
+def test_different_class_counts_are_refused_at_construction():
+    """Checked when the wrapper is built, not at the first forward's KD."""
+    fp = resnet20(num_classes=10)
+    lp = quantize_model(resnet20(num_classes=100), w_bits=2, a_bits=2)
+    with pytest.raises(ValueError, match="BWRF: the LP model outputs 100 classes, the FP "
+                                         "partner 10"):  # fmt: skip
+        BWRF(lp, fp)
+
+
+def test_docstring_example_runs():
+    """The Example block of BWRF's docstring, as pasted."""
+    doc = inspect.getdoc(BWRF)
+    block = doc.split("Example::\n", 1)[1].split("\nArgs:", 1)[0]
+    namespace: dict = {}
+    exec(textwrap.dedent(block), namespace)  # noqa: S102 - our own docstring
+    lp = namespace["lp"]
+    assert any(p.grad is not None for p in lp.parameters())
+    assert torch.isfinite(namespace["out"].loss)
 
 
 def test_torchvision_resnet18_has_three_branches():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -104,6 +105,36 @@ def test_bits_overrides_skip_and_filter_fn():
     # An override wins over the first/last rule.
     ends = quantize_model(model, 4, 4, bits_overrides={"conv1": 3})
     assert (ends.conv1.w_bits, ends.fc.w_bits) == (3, 8)
+
+
+def test_non_module_is_a_type_error_naming_the_argument():
+    with pytest.raises(TypeError, match="quantize_model: model must be an nn.Module, got str"):
+        quantize_model("resnet18")
+
+
+def test_nothing_to_quantize_warns():
+    with pytest.warns(UserWarning, match="nothing was quantized in Sequential: it holds no "
+                                         "nn.Conv2d or nn.Linear$"):  # fmt: skip
+        quantize_model(nn.Sequential(nn.ReLU(), nn.Flatten()))
+    converted = quantize_model(_tiny_cnn())
+    with pytest.warns(UserWarning, match=r"\(3 layers are already quantized\)"):
+        quantize_model(converted)
+    with pytest.warns(UserWarning, match="all 3 nn.Conv2d / nn.Linear layers stay in full"):
+        quantize_model(_tiny_cnn(), skip=["*"])
+
+
+def test_patterns_that_match_no_layer_warn():
+    model = torchvision.models.resnet18()
+    with pytest.warns(UserWarning) as caught:
+        quantize_model(model, bits_overrides={"layer9.*": 8, "layer1.*": 2}, skip=["fc2"])
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2, messages
+    assert messages[0].startswith("quantize_model: bits_overrides pattern 'layer9.*' matches no")
+    assert messages[1].startswith("quantize_model: skip pattern 'fc2' matches no")
+    assert "'conv1', 'layer1.0.conv1'" in messages[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # patterns that match, a model with layers: silent
+        quantize_model(model, bits_overrides={"layer1.*": 2}, skip=["fc"])
 
 
 def test_inplace_and_shared_modules():

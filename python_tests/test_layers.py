@@ -400,6 +400,22 @@ def test_from_float_copies_and_to_float_goes_back():
         QuantConv2d.from_float(nn.Linear(3, 2))
 
 
+def test_from_float_refuses_a_quantized_layer():
+    """A quantized layer given again would come back with fresh step sizes: refused."""
+    torch.manual_seed(0)
+    quant = QuantConv2d(3, 4, 3, w_bits=3, a_bits=3)
+    quant(torch.randn(2, 3, 6, 6))  # learned (here: initialised) step sizes
+    state = {k: v.clone() for k, v in quant.state_dict().items()}
+    with pytest.raises(TypeError, match=r"QuantConv2d\.from_float: expected a float Conv2d, "
+                                        r"got a QuantConv2d \(already quantized"):  # fmt: skip
+        QuantConv2d.from_float(quant, 4, 4)
+    assert all(torch.equal(v, quant.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(TypeError, match="got a QuantLinear"):
+        QuantLinear.from_float(QuantLinear(3, 2), 4, 4)
+    # The way that works: back to float, then quantized again with other bits.
+    assert QuantConv2d.from_float(quant.to_float(), 4, 4).w_bits == 4
+
+
 def test_scales_receive_gradients_and_change_after_an_optimizer_step():
     torch.manual_seed(0)
     layer = QuantConv2d(3, 8, 3, padding=1, w_bits=3, a_bits=3)

@@ -14,6 +14,7 @@ from bwrf_ext.blocks import (
     BlockSplit,
     FrozenPartner,
     PartneredModule,
+    check_same_classes,
     check_separate,
     check_split_of,
     forward_with_branches,
@@ -122,12 +123,18 @@ class BWRF(PartneredModule):
 
     Example::
 
-        fp = pretrained_cifar_resnet(20)
-        lp = quantize_model(fp, w_bits=2, a_bits=2)
+        import torch
+        from bwrf_ext import BWRF, BWRFConfig, quantize_model
+        from bwrf_ext.models import resnet20
+
+        fp = resnet20()  # trained weights: bwrf_ext.models.pretrained_cifar_resnet(20)
+        lp = quantize_model(fp, w_bits=2, a_bits=2)  # a copy; fp is left as it is
         bwrf = BWRF(lp, fp, BWRFConfig())
         optimizer = torch.optim.SGD(bwrf.parameters(), lr=0.01, momentum=0.9)
-        out = bwrf(images, labels)
+        images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        out = bwrf(images, labels)  # the first call initialises the LP step sizes
         out.loss.backward()
+        optimizer.step()
 
     Args:
         lp_model: the model to train (its quantizers may initialise lazily on the first call).
@@ -164,6 +171,7 @@ class BWRF(PartneredModule):
                 f"BWRF: the LP model splits into {lp_split.num_blocks} blocks, the FP partner "
                 f"into {fp_split.num_blocks}; they must split the same way"
             )
+        check_same_classes(lp_split, fp_split, "BWRF", ("the LP model", "the FP partner"))
         self.branch_weights = self.config.resolve(lp_split.num_blocks)
         # Through __dict__: as registered children the split would duplicate the LP model's
         # state_dict keys and the partner would reach the optimizer.

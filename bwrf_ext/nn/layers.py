@@ -91,11 +91,21 @@ class _QuantLayerMixin:
             module: an instance of the float type (nn.Conv2d or nn.Linear).
             w_bits, a_bits: code widths, None for full precision.
             config: quantizer options (default QuantConfig()).
+
+        Raises:
+            TypeError: module is not of the float type, or is already a quantized layer (a
+                new one would silently drop its learned step sizes).
         """
         if not isinstance(module, cls._FLOAT_TYPE):
             raise TypeError(
                 f"{cls.__name__}.from_float: expected {cls._FLOAT_TYPE.__name__}, "
                 f"got {type(module).__name__}"
+            )
+        if isinstance(module, _QuantLayerMixin):
+            raise TypeError(
+                f"{cls.__name__}.from_float: expected a float {cls._FLOAT_TYPE.__name__}, got a "
+                f"{type(module).__name__} (already quantized: converting it again would drop its "
+                "step sizes); use it as is, or call .to_float() first to requantize it"
             )
         weight = module.weight
         quant = cls(
