@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -174,6 +175,7 @@ def test_resume_of_a_checkpoint_older_than_an_option(fp_run, tmp_path, capsys):
     ckpt = load_checkpoint(out / "last.pt")
     for newer in ("nesterov", "branches"):
         del ckpt["args"][newer]
+    del ckpt["sha256"]  # such a checkpoint had no checksum either
     save_atomic(ckpt, out / "last.pt")
     assert main(["--resume", "--out", str(out), "--nesterov"]) == 2
     assert "--nesterov True differs from the resumed run's False" in capsys.readouterr().err
@@ -188,6 +190,7 @@ def test_resume_of_a_checkpoint_older_than_clip_test_keeps_atens(fp_run, tmp_pat
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["args"]["clip_test"] == "before_round" and ckpt["args"]["step_init"] == "lsq"
     del ckpt["args"]["clip_test"]
+    del ckpt["sha256"]  # such a checkpoint had no checksum either
     save_atomic(ckpt, out / "last.pt")
     assert main(["--resume", "--out", str(out), "--clip-test", "before_round"]) == 2
     assert "--clip-test before_round differs from the resumed run's after_round" in (
@@ -368,3 +371,68 @@ def test_torchrun_contsup(tmp_path):
     result = torchrun(args, tmp_path / "ddp_contsup")
     assert result.returncode == 0, result.stderr[-3000:]
     assert records(tmp_path / "ddp_contsup")[-1]["acc"] > 10.0  # above chance after an epoch
+
+
+# ------------------------------------------------------------- issue 17: checkpoints' loose ends
+def test_flipped_bytes_inside_a_tensor_are_detected(fp_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(fp_run, out)
+    path = out / "last.pt"
+    weight = load_checkpoint(path)["model"]["fc.weight"]
+    raw = bytearray(path.read_bytes())
+    at = raw.find(weight.numpy().tobytes())
+    assert at > 0
+    raw[at + 16 : at + 32] = bytes(b ^ 0xFF for b in raw[at + 16 : at + 32])
+    path.write_bytes(bytes(raw))
+    # torch reads it without complaint, with another weight: what resuming used to train on.
+    damaged = torch.load(path, weights_only=True)["model"]["fc.weight"]
+    assert not torch.equal(damaged, weight)
+    assert main(["--resume", "--epochs", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"bwrf-train: error: checkpoint {path} is corrupt: its contents do not "
+                          "match the sha256 stored when it was written")  # fmt: skip
+    assert "\n" not in err
+    with pytest.raises(CheckpointError, match="is corrupt"):
+        fp_weights(out)
+
+
+def test_checkpoint_read_errors_are_whole_sentences(tmp_path):
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"obj": NotWeights()}, unsafe)
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"w": torch.ones(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    text = tmp_path / "text.pt"
+    text.write_text("hello\n")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    expected = {
+        empty: "the file is empty",
+        unsafe: r"it holds a Python object \([\w.]*NotWeights\) that weights_only=True refuses "
+                r"to load; only tensors and plain values are read",
+        truncated: r"not a complete torch.save file \(truncated or corrupt\)",
+        text: r"not a torch.save file \(it has neither a zip nor a pickle header\)",
+    }  # fmt: skip
+    for path, reason in expected.items():
+        with pytest.raises(CheckpointError) as caught:
+            fp_weights(path)
+        assert re.fullmatch(f"cannot read checkpoint {re.escape(str(path))}: {reason}",
+                            str(caught.value)), str(caught.value)  # fmt: skip
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_checkpoint_mode_follows_the_umask_like_other_files(umask, tmp_path):
+    old = os.umask(umask)
+    try:
+        save_atomic({"a": torch.ones(2)}, tmp_path / "last.pt")
+        (tmp_path / "metrics.jsonl").write_text("{}\n")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "last.pt").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask == (tmp_path / "metrics.jsonl").stat().st_mode & 0o777
+
+
+def test_run_files_share_one_mode(fp_run):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in fp_run.iterdir() if p.is_file()}
+    assert len(set(modes.values())) == 1, modes
+

@@ -29,7 +29,7 @@ from bwrf_ext.train.checkpoint import (
     fp_weights,
     load_checkpoint,
     load_into,
-    save_atomic,
+    save_checkpoint,
 )
 from bwrf_ext.train.cli import RESUME_MAY_CHANGE, UsageError, option_defaults
 from bwrf_ext.train.methods import (
@@ -475,7 +475,7 @@ class _Run:
             "rng": torch.get_rng_state(),
             "history": list(records),
         }
-        save_atomic(ckpt, self.out / "last.pt")
+        save_checkpoint(ckpt, self.out / "last.pt")
 
 
 def _given(**options: Any) -> dict[str, Any]:
