@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,8 @@ import torch
 from bwrf_ext.train import main
 from bwrf_ext.train import runner as runner_module
 from bwrf_ext.train.checkpoint import CheckpointError, fp_weights, load_checkpoint, save_atomic
+from bwrf_ext.train.lock import LOCK_NAME
+from bwrf_ext.train.methods import Method
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--no-progress", "--batch-size", "64"]
@@ -373,7 +377,220 @@ def test_torchrun_contsup(tmp_path):
     assert records(tmp_path / "ddp_contsup")[-1]["acc"] > 10.0  # above chance after an epoch
 
 
+# ------------------------------------------------------------------ issue 17: runs are never lost
+def _snapshot(out: Path) -> dict[str, bytes]:
+    """The run's files and their bytes (the lock file of whoever runs on it aside)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())
+            if p.is_file() and p.name != LOCK_NAME}  # fmt: skip
+
+
+OVERWRITE_FAILURES = {
+    "missing --init-from": (["--init-from", "/nonexistent/fp.pt"], "does not exist"),
+    "bad --batch-size": (["--batch-size", "5000"], "exceeds the 1437 training images"),
+    "non-finite loss in epoch 1": (["--lr", "1e30"], "the loss is nan at epoch 1"),
+}
+
+
+@pytest.mark.parametrize("case", OVERWRITE_FAILURES)
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(case, fp_run, tmp_path,
+                                                                   capsys):  # fmt: skip
+    out = tmp_path / "run"
+    shutil.copytree(fp_run, out)
+    before = _snapshot(out)
+    options, message = OVERWRITE_FAILURES[case]
+    if options is None:
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "cifar10_jpeg_q75.npz").write_text("not an archive\n")
+        options = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data")]
+    assert main([*options, "--overwrite", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert _snapshot(out) == before, "the old run must survive a replacement that failed"
+
+
+def test_overwrite_replaces_the_old_run_once_the_new_one_checkpoints(fp_run, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    out = tmp_path / "run"
+    shutil.copytree(fp_run, out)
+    before = _snapshot(out)
+    seen_during_epoch_1 = {}
+    original = runner_module._Run._train_epoch
+
+    def look_then_train(self, *a):
+        if a[-1] == 0:  # epoch 1 runs while the old run is still complete on disk
+            seen_during_epoch_1.update(_snapshot(out))
+        return original(self, *a)
+
+    monkeypatch.setattr(runner_module._Run, "_train_epoch", look_then_train)
+    assert run_cli(["--epochs", "1", "--seed", "7", "--overwrite"], out) == 0
+    assert seen_during_epoch_1 == before
+    assert [r["epoch"] for r in records(out)] == [1]  # the old run had 2 epochs
+    log = (out / "log.txt").read_text()
+    assert log.count("fp small_cnn on digits") == 1 and "epoch 2/2" not in log
+    assert load_checkpoint(out)["args"]["seed"] == 7
+
+
+def test_interrupt_in_epoch_1_leaves_nothing_and_a_retry_works(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "runs" / "fresh"
+    original = runner_module._Run._train_epoch
+
+    def interrupt(self, *a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_module._Run, "_train_epoch", interrupt)
+    assert run_cli(["--epochs", "1"], out) == 130
+    err = capsys.readouterr().err
+    assert err == ("bwrf-train: interrupted; no epoch finished, so nothing was written: run the "
+                   "same command to start again\n")  # fmt: skip
+    assert "--resume" not in err
+    assert not (tmp_path / "runs").exists()  # the directories it made are gone again
+    monkeypatch.setattr(runner_module._Run, "_train_epoch", original)
+    assert run_cli(["--epochs", "1"], out) == 0  # the plain retry: no --overwrite needed
+    assert not (out / LOCK_NAME).exists()  # released on exit
+
+
+def test_interrupt_after_a_checkpoint_suggests_resume(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    original = runner_module._Run._train_epoch
+
+    def interrupt_at_epoch_2(self, *a):
+        if a[-1] == 1:
+            raise KeyboardInterrupt
+        return original(self, *a)
+
+    monkeypatch.setattr(runner_module._Run, "_train_epoch", interrupt_at_epoch_2)
+    assert run_cli(["--epochs", "2"], out) == 130
+    assert capsys.readouterr().err == (
+        f"bwrf-train: interrupted; the checkpoint of epoch 1 is kept in {out}: continue with "
+        "--resume\n"
+    )
+    monkeypatch.setattr(runner_module._Run, "_train_epoch", original)
+    assert main(["--resume", "--out", str(out), "--no-progress"]) == 0
+
+
+def test_failed_run_leaves_a_given_directory_as_it_was(tmp_path, capsys):
+    """A directory made by someone else (a results script's console log) is kept, unchanged."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "console.txt").write_text("launched\n")
+    assert main(["--batch-size", "5000", "--out", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["console.txt"]
+    assert main(["--resume", "--out", str(out)]) == 2
+    assert "start it without --resume" in capsys.readouterr().err
+
+
+def test_non_finite_loss_says_what_was_kept(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["--lr", "1e30", "--epochs", "2"], out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bwrf-train: error: the loss is nan at epoch 1, step ")
+    assert err.endswith("; no epoch finished, so nothing was written; try a lower --lr than "
+                        "1e+30\n")  # fmt: skip
+    assert not out.exists()
+    # After a checkpoint: a NaN in epoch 2 (steps 1..22 are epoch 1 at 1437 images / 64).
+    original, calls = Method.step, []
+
+    def nan_in_epoch_2(self, *a):
+        calls.append(1)
+        terms = original(self, *a)
+        return {**terms, "loss": math.nan} if len(calls) > 22 else terms
+
+    monkeypatch.setattr(Method, "step", nan_in_epoch_2)
+    assert run_cli(["--epochs", "2"], out) == 2
+    assert capsys.readouterr().err.endswith(
+        f"; the checkpoint of epoch 1 is kept in {out}; try a lower --lr than 0.1 in a new run "
+        "(--overwrite or another --out)\n"
+    )
+    assert load_checkpoint(out)["epoch"] == 1
+
+
+# ------------------------------------------------------------------ issue 17: the lock on --out
+LOCK_HOLDER = r"""
+import sys, time
+from bwrf_ext.train.lock import RunDirectoryLock
+lock = RunDirectoryLock.acquire(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_on_a_locked_out_is_refused_naming_the_holder(fp_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(fp_run, out)
+    before = _snapshot(out)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            assert main([*extra, "--epochs", "3", "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith(f"bwrf-train: error: --out {out} is in use by another "
+                                  f"bwrf-train run (pid {holder.pid} on "), err  # fmt: skip
+            assert "\n" not in err.strip()
+        assert _snapshot(out) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # Its lock file stays behind, stale: the kernel dropped the flock with the process.
+    assert (out / LOCK_NAME).is_file()
+    assert main(["--resume", "--epochs", "2", "--out", str(out), "--no-progress"]) == 0
+    assert not (out / LOCK_NAME).exists()
+
+
+# A bwrf-train process whose epoch 1 waits for a file to appear: a run caught mid-flight.
+PAUSED_RUN = r"""
+import pathlib, sys, time
+from bwrf_ext.train import main, runner
+
+go, original = pathlib.Path(sys.argv[1]), runner._Run._train_epoch
+
+def wait_for_go(self, *a):
+    while not go.exists():
+        time.sleep(0.05)
+    return original(self, *a)
+
+runner._Run._train_epoch = wait_for_go
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_two_runs_at_once_one_is_refused(tmp_path):
+    """A real bwrf-train process in its epoch 1 (nothing written yet) holds --out: a second
+    process is refused at once, with --overwrite too, and the first finishes untouched."""
+    out, go = tmp_path / "run", tmp_path / "go"
+    command = [sys.executable, "-m", "bwrf_ext.train", "--epochs", "2", *QUICK, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_RUN, str(go), *command[3:]], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert first.stdout.readline().startswith("fp small_cnn on digits")  # set up, locked
+        seconds = [subprocess.run([*command, *extra], cwd=REPO, env=env, capture_output=True,
+                                  text=True, timeout=300) for extra in ([], ["--overwrite"])]
+    finally:
+        go.touch()
+        first_err = first.communicate(timeout=300)[1]
+    assert first.returncode == 0, first_err[-2000:]
+    for second in seconds:
+        assert second.returncode == 2
+        assert second.stderr.startswith(f"bwrf-train: error: --out {out} is in use by another "
+                                        f"bwrf-train run (pid {first.pid} on "), second.stderr
+    assert [r["epoch"] for r in records(out)] == [1, 2]
+
+
 # ------------------------------------------------------------- issue 17: checkpoints' loose ends
+def test_stale_temp_file_of_a_killed_write_is_removed(fp_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(fp_run, out)
+    stale = out / ".last.pt.k1ll3d.tmp"
+    stale.write_bytes(b"")  # what a kill during save_atomic leaves
+    assert main(["--resume", "--out", str(out), "--no-progress"]) == 0  # 2 of 2 epochs: done
+    assert not stale.exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
 def test_flipped_bytes_inside_a_tensor_are_detected(fp_run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(fp_run, out)

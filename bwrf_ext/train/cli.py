@@ -287,7 +287,7 @@ def option_defaults() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``bwrf-train`` and ``python -m bwrf_ext.train``; returns the exit status."""
-    from bwrf_ext.train.runner import RunError, train
+    from bwrf_ext.train.runner import RunError, RunInterrupted, train
 
     try:
         args = parse_args(argv)
@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError, RunError, FileNotFoundError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the last checkpoint is kept: continue with --resume",
-              file=sys.stderr)  # fmt: skip
+    except KeyboardInterrupt as interrupt:
+        kept = interrupt.kept if isinstance(interrupt, RunInterrupted) else "nothing was written"
+        print(f"{PROG}: interrupted; {kept}", file=sys.stderr)
         return 130
     return 0

@@ -1,4 +1,13 @@
-"""The training run behind ``bwrf-train``: data, model, method, epochs, checkpoints, reports."""
+"""The training run behind ``bwrf-train``: data, model, method, epochs, checkpoints, reports.
+
+How a run treats its directory (``--out``): it takes the directory's lock first (a second run
+on it is refused, naming the holder), then checks everything it can before training: options,
+data files, weights, the model's fit to the images. It writes nothing until it is about to
+write its first checkpoint, at the end of epoch 1: log lines wait in memory, and the files of
+an old run it replaces (``--overwrite``) are deleted only then. So a run that fails or is
+interrupted before that leaves the directory as it found it (one it created is removed again),
+and an old run survives a replacement that could not start.
+"""
 
 from __future__ import annotations
 
@@ -29,9 +38,11 @@ from bwrf_ext.train.checkpoint import (
     fp_weights,
     load_checkpoint,
     load_into,
+    remove_stale_temp_files,
     save_checkpoint,
 )
 from bwrf_ext.train.cli import RESUME_MAY_CHANGE, UsageError, option_defaults
+from bwrf_ext.train.lock import DirectoryInUse, RunDirectoryLock
 from bwrf_ext.train.methods import (
     Method,
     blockkd_method,
@@ -51,16 +62,35 @@ class RunError(RuntimeError):
     """A run that cannot go on (e.g. a non-finite loss): reported as one line, exit status 2."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C, carrying what was kept (a checkpoint to resume, or nothing): main prints it."""
+
+    def __init__(self, kept: str) -> None:
+        super().__init__(kept)
+        self.kept = kept
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Runs (or resumes) one training run as described by parsed ``bwrf-train`` options.
 
     Returns:
         The run summary (also written to ``<out>/summary.json``).
+
+    Raises:
+        UsageError, CheckpointError, DataError, RunError: one-line failures (exit status 2).
+        RunInterrupted: Ctrl-C, saying what was kept.
     """
     dist_state = distributed.setup(args.device)
+    run = None
     try:
-        return _Run(args, dist_state).run()
+        run = _Run(args, dist_state)
+        return run.run()
+    except KeyboardInterrupt:
+        kept = run.kept(interrupted=True) if run is not None else "nothing was written"
+        raise RunInterrupted(kept) from None
     finally:
+        if run is not None:
+            run.close()
         distributed.teardown(dist_state)
 
 
@@ -68,37 +98,113 @@ class _Run:
     def __init__(self, args: argparse.Namespace, dist_state: distributed.Distributed) -> None:
         self.dist = dist_state
         self.out = Path(args.out)
-        self.resumed = self._prepare_out_dir(args)
-        self.args = args if self.resumed is None else self._resumed_args(args, self.resumed)
-        if self.args.batch_size % dist_state.world_size:
-            raise UsageError(
-                f"--batch-size {self.args.batch_size} must be divisible by the "
-                f"{dist_state.world_size} processes"
-            )
-        if self.args.sync_bn and not (dist_state.enabled and dist_state.device.type == "cuda"):
-            raise UsageError("--sync-bn needs multi-process CUDA training (torchrun on GPUs)")
         self.log_path = self.out / "log.txt"
+        # Whether --out holds this run's files yet (a resumed run's: from the start), the epoch
+        # of its last checkpoint, and the files of an old run it replaces when it commits.
+        self.committed = False
+        self.checkpoint_epoch: int | None = None
+        self.replaces: list[str] = []
+        self._pending_log: list[str] = []
         self._weights: dict[str, tuple[dict, dict]] = {}  # --init-from/--teacher-from, read once
+        self.lock = self._lock_out_dir()
+        try:
+            self.resumed = self._prepare_out_dir(args)
+            self.args = args if self.resumed is None else self._resumed_args(args, self.resumed)
+            if self.args.batch_size % dist_state.world_size:
+                raise UsageError(
+                    f"--batch-size {self.args.batch_size} must be divisible by the "
+                    f"{dist_state.world_size} processes"
+                )
+            if self.args.sync_bn and not (
+                dist_state.enabled and dist_state.device.type == "cuda"
+            ):
+                raise UsageError("--sync-bn needs multi-process CUDA training (torchrun on GPUs)")
+        except BaseException:
+            self.close()
+            raise
 
     # ----------------------------------------------------------------------------- set-up
+    def _lock_out_dir(self) -> RunDirectoryLock | None:
+        """Rank 0 takes --out's lock (creating the directory); every rank learns the outcome."""
+        error, lock = None, None
+        if self.dist.is_main:
+            try:
+                lock = RunDirectoryLock.acquire(self.out)
+            except DirectoryInUse as in_use:
+                error = UsageError(f"--out {in_use}")
+            except OSError as os_error:
+                error = UsageError(
+                    f"--out {self.out}: cannot create or lock the run directory: "
+                    f"{os_error.strerror or os_error}"
+                )
+        if self.dist.enabled:  # the other ranks must not train on when rank 0 was refused
+            locked = int(self.dist.sum(torch.tensor([0 if error else 1]))[0])
+            if error is None and locked < self.dist.world_size:
+                error = UsageError(f"rank 0 could not lock --out {self.out} (see its message)")
+        if error is not None:
+            if lock is not None:
+                lock.release(remove_created=True)
+            raise error
+        return lock
+
     def _prepare_out_dir(self, args: argparse.Namespace) -> dict | None:
-        """Refuses to touch an existing run unless told; returns the checkpoint to resume."""
+        """Refuses to touch an existing run unless told; returns the checkpoint to resume.
+
+        Deletes nothing of an existing run: with --overwrite its files are listed in
+        ``replaces`` and deleted by :meth:`_commit`.
+        """
+        if self.dist.is_main:  # under the lock: no other run can be writing them
+            remove_stale_temp_files(self.out / "last.pt")
         existing = [name for name in RUN_FILES if (self.out / name).exists()]
         if args.resume:
             if not (self.out / "last.pt").is_file():
-                raise UsageError(f"--resume: no checkpoint {self.out / 'last.pt'} to continue")
-            return load_checkpoint(self.out / "last.pt")
+                raise UsageError(
+                    f"--resume: no checkpoint {self.out / 'last.pt'} to continue (a run stopped "
+                    "before the end of its first epoch writes none: start it without --resume)"
+                )
+            ckpt = load_checkpoint(self.out / "last.pt")
+            self.committed, self.checkpoint_epoch = True, ckpt["epoch"]
+            return ckpt
         if existing and not args.overwrite:
             raise UsageError(
                 f"--out {self.out} already holds a run ({', '.join(existing[:3])}); continue it "
                 "with --resume, replace it with --overwrite, or choose another --out"
             )
-        self.dist.barrier()  # every rank has looked before rank 0 deletes anything
-        if existing and self.dist.is_main:
-            for name in existing:
-                path = self.out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.replaces = existing
         return None
+
+    def _commit(self) -> None:
+        """Makes --out this run's, right before its first checkpoint is written.
+
+        Only now, with the data loaded, the model built and an epoch trained, are the old run's
+        files deleted (its last.pt is replaced atomically by the new one) and the log lines
+        held so far written.
+        """
+        for name in self.replaces:
+            path = self.out / name
+            if name == "last.pt":
+                continue
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        self.committed = True
+        with open(self.log_path, "a") as f:
+            f.writelines(line + "\n" for line in self._pending_log)
+        self._pending_log.clear()
+
+    def kept(self, interrupted: bool = False) -> str:
+        """What a run stopped now leaves, and (interrupted) what to do next."""
+        if self.checkpoint_epoch is not None:
+            note = f"the checkpoint of epoch {self.checkpoint_epoch} is kept in {self.out}"
+            return note + (": continue with --resume" if interrupted else "")
+        if self.replaces:
+            return f"no epoch finished, so nothing was written: the run in {self.out} is as it was"
+        note = "no epoch finished, so nothing was written"
+        return note + (": run the same command to start again" if interrupted else "")
+
+    def close(self) -> None:
+        """Drops the lock; a run that never committed also removes the directories it made."""
+        if self.lock is not None:
+            self.lock.release(remove_created=not self.committed)
+            self.lock = None
 
     def _resumed_args(self, args: argparse.Namespace, ckpt: dict) -> argparse.Namespace:
         saved = {**option_defaults(), **ckpt["args"]}  # options newer than the checkpoint
@@ -112,10 +218,15 @@ class _Run:
         return argparse.Namespace(**saved)
 
     def log(self, message: str) -> None:
-        if self.dist.is_main:
-            tqdm.write(message, file=sys.stdout)
-            with open(self.log_path, "a") as f:
-                f.write(message + "\n")
+        """Prints a line; log.txt gets it too, once the run has committed (held until then)."""
+        if not self.dist.is_main:
+            return
+        tqdm.write(message, file=sys.stdout)
+        if not self.committed:
+            self._pending_log.append(message)
+            return
+        with open(self.log_path, "a") as f:
+            f.write(message + "\n")
 
     def _data(self, normalization: str) -> ImageData:
         args = self.args
@@ -279,9 +390,6 @@ class _Run:
         started = time.perf_counter()
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        if dist_state.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        dist_state.barrier()
         normalization, init_info = self._normalization()
         data = self._data(normalization)
         method = self._model_and_method(data)
@@ -325,9 +433,11 @@ class _Run:
         if dist_state.enabled and method.local_step is None:
             device_ids = [dist_state.device] if dist_state.device.type == "cuda" else None
             module = DistributedDataParallel(method.trainable, device_ids=device_ids)
+        # A fresh run creates its metrics files when it commits (end of epoch 1).
         metrics = (
-            MetricsLog(self.out, history, args.tensorboard) if dist_state.is_main else None
-        )
+            MetricsLog(self.out, history, args.tensorboard)
+            if dist_state.is_main and self.committed else None
+        )  # fmt: skip
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if args.amp
             else contextlib.nullcontext()
@@ -352,10 +462,14 @@ class _Run:
                     **self._evaluate(method, test_loader, autocast),
                 }
                 if dist_state.is_main:
+                    if not self.committed:
+                        self._commit()
+                        metrics = MetricsLog(self.out, history, args.tensorboard)
                     metrics.append(record)
                     self._save(method, optimizer, scheduler, epoch + 1, metrics.records, data,
                                normalization)  # fmt: skip
                     plot_accuracy(metrics.records, self.out / "accuracy.png", title)
+                self.committed, self.checkpoint_epoch = True, epoch + 1  # on every rank
                 accs = ", ".join(
                     f"{k} {v:.2f}" for k, v in record.items() if k.startswith("acc")
                 )
@@ -413,7 +527,8 @@ class _Run:
             if not math.isfinite(terms["loss"]):
                 raise RunError(
                     f"the loss is {terms['loss']} at epoch {epoch + 1}, step {step + 1}; "
-                    f"the last checkpoint is kept: try a lower --lr (now {args.lr})"
+                    f"{self.kept()}; try a lower --lr than {args.lr}"
+                    + (" in a new run (--overwrite or another --out)" if self.committed else "")
                 )
             optimizer.step()
             scheduler.step()
