@@ -9,7 +9,9 @@ of processes, the loader's workers or where a resumed run restarts.
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from bwrf_ext.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, default_shar
 from bwrf_ext.models.registry import ImageShape
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
+GRAYSCALE_DATASETS = ("digits", "fashion-mnist")
 # How each data set is augmented by default: (random-crop padding, horizontal flip).
 DEFAULT_AUGMENT = {
     "digits": "none",
@@ -36,6 +39,11 @@ FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+
+
+class DataError(ValueError):
+    """A data file or directory that is not in the expected format: the message names it and
+    says what was expected."""
 
 
 @dataclass
@@ -166,6 +174,8 @@ def load_image_data(
         ValueError: an unknown name, augmentation or normalisation.
         FileNotFoundError: the data is not where it was looked for, naming every place and
             the option that fetches it.
+        DataError: a file that is there but unreadable or not in the expected format (named,
+            with what was expected).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -188,8 +198,11 @@ def load_image_data(
     train, test, classes, source, notes = loaders[name](
         None if data_dir is None else Path(data_dir), download
     )
+    for split_name, (images, labels) in (("train", train), ("test", test)):
+        _check_split(split_name, images, labels, len(classes), source)
     if normalization == "imagenet":
-        if train[0].shape[1] != 3:
+        # Grayscale images given to an RGB model are repeated to 3 channels, then normalised.
+        if train[0].shape[1] != 3 and not rgb:
             raise ValueError(f"normalization='imagenet' needs RGB images; {name} is grayscale")
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
@@ -209,6 +222,29 @@ def load_image_data(
         tuple(std),
         notes,
     )
+
+
+def _check_split(
+    split: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int, source: str
+) -> None:
+    """What training indexes with: N uint8 images, N labels in [0, num_classes)."""
+    if images.dim() != 4 or labels.dim() != 1 or len(images) != len(labels) or not len(labels):
+        raise DataError(
+            f"{source}: expected N >= 1 {split} images (N, C, H, W) and N labels, got images "
+            f"{tuple(images.shape)} and labels {tuple(labels.shape)}"
+        )
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise DataError(
+            f"{source}: {split} labels must lie in [0, {num_classes - 1}] ({num_classes} "
+            f"classes), got [{low}, {high}]"
+        )
+
+
+def _cause(error: Exception) -> str:
+    """An exception as "Type: its first sentence" (library messages can run for lines)."""
+    text = re.split(r"(?<=[.!])\s|\n", str(error).strip(), maxsplit=1)[0].rstrip(".")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _search_dirs(data_dir: Path | None, *system: str) -> list[Path]:
@@ -246,13 +282,33 @@ def _digits(data_dir: Path | None, download: bool):
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    """An MNIST-style idx file (optionally .gz) as a numpy array."""
+    """An MNIST-style idx file of unsigned bytes (optionally .gz) as a numpy array.
+
+    Raises:
+        DataError: unreadable, not an idx file of unsigned bytes, or shorter than its header says.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"cannot read {path}: {error}") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 4:
+        raise DataError(
+            f"{path} is not an MNIST idx file of unsigned bytes: expected the magic number "
+            f"0x0000080N (N = 1..4 dimensions), got "
+            f"{'0x' + data[:4].hex() if data else 'an empty file'}"
+        )
     ndim = data[3]
+    header = 4 + 4 * ndim
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    needed = header + math.prod(dims)
+    if len(data) < needed:
+        raise DataError(
+            f"{path} is truncated: its header announces {'x'.join(map(str, dims))} bytes "
+            f"({needed} with the header), the file holds {len(data)}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, count=needed - header, offset=header).reshape(dims)
 
 
 def _find_idx(directory: Path, stem: str) -> Path | None:
@@ -280,6 +336,11 @@ def _fashion_mnist(data_dir: Path | None, download: bool):
             splits = []
             for split in ("train", "test"):
                 images, labels = (_read_idx(p) for p in files[split])
+                if images.ndim != 3 or labels.ndim != 1:
+                    raise DataError(
+                        f"{files[split][0]} and {files[split][1]}: expected (N, H, W) images and "
+                        f"(N,) labels, got {images.shape} and {labels.shape}"
+                    )
                 splits.append(
                     (torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.copy()))
                 )
@@ -295,7 +356,16 @@ def _cifar_pickles(directory: Path, cifar100: bool, download: bool) -> tuple[Spl
     cls = CIFAR100 if cifar100 else CIFAR10
     splits = []
     for train in (True, False):
-        ds = cls(str(directory), train=train, download=download)
+        try:
+            ds = cls(str(directory), train=train, download=download)
+        except RuntimeError as error:  # torchvision's integrity check: files missing or altered
+            files = ("train, test and meta" if cifar100
+                     else "data_batch_1..5, test_batch and batches.meta")  # fmt: skip
+            raise DataError(
+                f"{directory / cls.base_folder} is incomplete or corrupt: expected {files} of "
+                f"the python version, as unpacked from {cls.filename} (torchvision: "
+                f"{_cause(error)}); pass --download to fetch them"
+            ) from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         splits.append((images, torch.tensor(ds.targets)))
     return splits[0], splits[1], list(ds.classes)
@@ -321,7 +391,22 @@ def _cifar10(data_dir: Path | None, download: bool):
 
 
 def _cifar10_jpeg(npz_path: Path):
-    """The JPEG-q75 CIFAR-10 copy in ../shared/data (class-sorted; see its README)."""
+    """The JPEG-q75 CIFAR-10 copy in ../shared/data (class-sorted; see its README).
+
+    Raises:
+        DataError: the file is not such an archive (truncated, another file, other keys).
+    """
+    try:
+        return _read_cifar10_jpeg(npz_path)
+    except Exception as error:  # any failure to read it means it is not the expected archive
+        raise DataError(
+            f"{npz_path} is not a readable CIFAR-10 JPEG archive: expected a NumPy .npz holding "
+            "train_jpeg, train_offsets, train_labels, test_jpeg, test_offsets, test_labels and "
+            f"classes ({_cause(error)})"
+        ) from None
+
+
+def _read_cifar10_jpeg(npz_path: Path):
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with np.load(npz_path) as npz:
@@ -391,6 +476,8 @@ def _image_folder(
 
 __all__ = [
     "DATASETS",
+    "GRAYSCALE_DATASETS",
+    "DataError",
     "ImageData",
     "InMemoryImages",
     "channel_stats",

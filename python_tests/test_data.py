@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bwrf_ext.data import InMemoryImages, _cifar10_jpeg, _read_idx, load_image_data
-from bwrf_ext.models.pretrained import IMAGENET_MEAN, default_shared_dir
+from bwrf_ext.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, default_shared_dir
 from bwrf_ext.models.registry import ImageShape, build_model, model_names, split_named_model
 
 JPEG_NPZ = default_shared_dir() / "data" / "cifar10_jpeg_q75" / "cifar10_jpeg_q75.npz"
@@ -109,3 +109,13 @@ def test_unknown_dataset_and_options():
         load_image_data("digits", augment="mixup")
     with pytest.raises(ValueError, match="needs RGB images"):
         load_image_data("digits", normalization="imagenet")
+
+
+def test_imagenet_normalization_of_grayscale_repeated_to_rgb():
+    """An RGB model takes grayscale images as 3 equal channels: ImageNet statistics apply."""
+    data = load_image_data("digits", normalization="imagenet", rgb=True)
+    assert (data.mean, data.std) == (IMAGENET_MEAN, IMAGENET_STD)
+    x, _ = data.test[0]
+    raw = load_image_data("digits").test.images[0].float() / 255.0  # (1, 8, 8) in [0, 1]
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(x, (raw.expand(3, -1, -1) - mean) / std)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,7 +63,32 @@ BAD_INPUTS = [
                                              "--optimizer adamw, --momentum 0.9"),
     (["--step-init", "mse"], "--step-init sets the quantizers: it needs a quantized model"),
     (["--method", "lsq", "--clip-test", "after"], "--clip-test: invalid choice: 'after'"),
-]
+    # Issue 17: options that used to crash with a traceback (or ran with a nonsense value).
+    (["--alpha", "-1"], "--alpha must be a finite number >= 0, got -1.0"),
+    (["--alpha", "nan"], "--alpha must be a finite number >= 0, got nan"),
+    (["--method", "bwrf", "--init-from", "x.pt", "--alpha", "-1"], "--alpha must be a finite"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+    (["--momentum", "-1"], "--momentum must be in [0, 1), got -1.0"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
+    (["--workers", "-1"], "--workers must be >= 0 (0: load in the main process), got -1"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--train-subset", "5"], "--train-subset 5 is fewer than the 10 classes"),
+    (["--test-subset", "1"], "--test-subset 1 is fewer than the 10 classes"),
+    (["--method", "contsup", "--contsup-split", "halves"],
+     "--contsup-split must be one of infopro, infopro_balanced, even, balanced, got 'halves'"),
+    (["--method", "contsup", "--contsup-context", "X9"],
+     "--contsup-context must be R0, E, R<n> or R<n>E with n >= 1 (e.g. R1, R1E), got 'X9'"),
+    (["--method", "contsup", "--contsup-k", "100"],
+     "--method contsup: ContSup: num_modules must be in [1, 10] for this model"),
+    (["--normalization", "imagenet"],
+     "--normalization imagenet is for RGB images; digits is grayscale and small_cnn takes it"),
+    (["--model", "vit_b_16"], "--model vit_b_16 cannot take the 3x8x8 images of digits: "
+                              "AssertionError: Wrong image height!"),
+    (["--batch-size", "100000"], "--batch-size 100000 exceeds the 1437 training images"),
+    (["--init-from", "/nonexistent/weights.pt"], "checkpoint /nonexistent/weights.pt does not "
+                                                 "exist"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("argv", "message"), BAD_INPUTS, ids=[" ".join(a[0]) for a in BAD_INPUTS])
@@ -73,6 +99,100 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, message, tmp_path, capsy
     assert err.startswith("bwrf-train: error: ") and "\n" not in err, err
     assert message in err
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    assert main(["--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bwrf-train: error: --device cuda: torch sees no CUDA device")
+    assert not (tmp_path / "r").exists()
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory\n")
+    assert main(["--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == (
+        f"bwrf-train: error: --out {tmp_path / 'file'} is a file; a run needs a directory\n"
+    )
+    assert main(["--out", str(tmp_path / "file" / "run")]) == 2
+    assert "cannot create or lock the run directory: Not a directory" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "not a directory\n"
+
+
+def _idx(dims: tuple[int, ...], payload: bytes | None = None) -> bytes:
+    header = bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+    return header + (bytes(math.prod(dims)) if payload is None else payload)
+
+
+def _bad_data(root: Path, case: str) -> tuple[list[str], str]:
+    """Writes a broken data set under root; returns (bwrf-train options, expected message)."""
+    root.mkdir()
+    npz = root / "cifar10_jpeg_q75.npz"
+    cifar = ["--dataset", "cifar10", "--data-dir", str(root)]
+    fashion = ["--dataset", "fashion-mnist", "--data-dir", str(root)]
+    archive = "is not a readable CIFAR-10 JPEG archive: expected a NumPy .npz holding train_jpeg"
+    if case == "npz truncated":
+        np.savez(npz, train_jpeg=np.zeros(4000, np.uint8))
+        npz.write_bytes(npz.read_bytes()[:1000])
+        return cifar, f"{npz} {archive}"
+    if case == "npz wrong keys":
+        np.savez(npz, images=np.zeros(3))
+        return cifar, f"{npz} {archive}"
+    if case == "npz is text":
+        npz.write_text("hello\n")
+        return cifar, f"{npz} {archive}"
+    if case == "empty cifar-10-batches-py":
+        (root / "cifar-10-batches-py").mkdir()
+        return cifar, (f"{root / 'cifar-10-batches-py'} is incomplete or corrupt: expected "
+                       "data_batch_1..5, test_batch and batches.meta")  # fmt: skip
+    files = {"train-images-idx3-ubyte": _idx((4, 28, 28)), "train-labels-idx1-ubyte": _idx((4,)),
+             "t10k-images-idx3-ubyte": _idx((2, 28, 28)), "t10k-labels-idx1-ubyte": _idx((2,))}
+    bad = root / "train-images-idx3-ubyte"
+    if case == "idx garbage":
+        files[bad.name] = bytes(range(7, 57))
+        expected = (f"{bad} is not an MNIST idx file of unsigned bytes: expected the magic "
+                    "number 0x0000080N (N = 1..4 dimensions), got 0x0708090a")  # fmt: skip
+    elif case == "idx short":
+        files[bad.name] = _idx((4, 28, 28), payload=bytes(100))
+        expected = (f"{bad} is truncated: its header announces 4x28x28 bytes (3152 with the "
+                    "header), the file holds 116")  # fmt: skip
+    else:  # labels beyond the 10 classes
+        files["train-labels-idx1-ubyte"] = _idx((4,), payload=bytes([0, 1, 2, 12]))
+        expected = f"{root}: train labels must lie in [0, 9] (10 classes), got [0, 12]"
+    for name, content in files.items():
+        (root / name).write_bytes(content)
+    return fashion, expected
+
+
+BAD_DATA = ["npz truncated", "npz wrong keys", "npz is text", "empty cifar-10-batches-py",
+            "idx garbage", "idx short", "idx labels out of range"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_DATA)
+def test_bad_data_files_are_one_line_naming_the_file(case, tmp_path, capsys):
+    options, expected = _bad_data(tmp_path / "data", case)
+    out = tmp_path / "run"
+    assert main([*options, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bwrf-train: error: ") and "\n" not in err, err
+    assert expected in err, err
+    assert not out.exists()
+
+
+def test_akamaster_weights_for_small_cnn_do_not_fit(tmp_path, capsys):
+    from bwrf_ext.models.pretrained import akamaster_weights_path
+
+    try:
+        path = akamaster_weights_path(20)
+    except FileNotFoundError as error:
+        pytest.skip(f"../shared weights absent: {error}")
+    assert main(["--init-from", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"bwrf-train: error: --init-from {path} holds akamaster weights, trained on "
+                   "RGB images with ImageNet statistics: they do not fit small_cnn on the "
+                   "grayscale digits images")  # fmt: skip
+    assert not (tmp_path / "r").exists()
 
 
 def test_missing_data_names_the_places(tmp_path, capsys):
@@ -387,6 +507,8 @@ def _snapshot(out: Path) -> dict[str, bytes]:
 OVERWRITE_FAILURES = {
     "missing --init-from": (["--init-from", "/nonexistent/fp.pt"], "does not exist"),
     "bad --batch-size": (["--batch-size", "5000"], "exceeds the 1437 training images"),
+    "bad --train-subset": (["--train-subset", "5"], "fewer than the 10 classes"),
+    "corrupt data file": (None, "is not a readable CIFAR-10 JPEG archive"),
     "non-finite loss in epoch 1": (["--lr", "1e30"], "the loss is nan at epoch 1"),
 }
 
@@ -653,3 +775,13 @@ def test_run_files_share_one_mode(fp_run):
     modes = {p.name: p.stat().st_mode & 0o777 for p in fp_run.iterdir() if p.is_file()}
     assert len(set(modes.values())) == 1, modes
 
+
+def test_help_shows_no_default_for_flags(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    flag_lines = [line for line in text.splitlines() if "--no-progress" in line]
+    assert flag_lines and not any("default" in line for line in flag_lines), flag_lines
+    assert not re.search(r"\(default: (True|False|None)\)", text)
+    assert "(default: fp)" in text and "precision (default: 8)" in text  # valued options keep it

@@ -1,17 +1,21 @@
 """``bwrf-train``: the command line, its checks, and the exit codes.
 
-Every bad input is refused before anything is read or written: one line on stderr, exit
-status 2. An interrupted run (Ctrl-C) keeps its last checkpoint and exits with 130.
+Every bad input is refused before anything is written: one line on stderr, exit status 2.
+Options are checked here, before any file is read; data files, weights and the model's fit to
+the images are checked by the runner before training starts, and a run writes nothing until its
+first checkpoint. An interrupted run (Ctrl-C) exits with 130 and says what was kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
-from bwrf_ext.data import AUGMENTS, DATASETS
+from bwrf_ext.data import AUGMENTS, DATASETS, GRAYSCALE_DATASETS, DataError
+from bwrf_ext.methods.contsup_parts import parse_aux_head, parse_context
 from bwrf_ext.nn.quantizer import CLIP_TESTS, INIT_METHODS
 from bwrf_ext.train.checkpoint import CheckpointError
 from bwrf_ext.train.methods import METHODS
@@ -32,6 +36,7 @@ RESUME_MAY_CHANGE = {
 # What a checkpoint written before an option existed ran with, where that differs from the
 # option's default today (the default changed when the option came).
 LEGACY_DEFAULTS = {"clip_test": "after_round"}
+CONTSUP_SPLITS = ("infopro", "infopro_balanced", "even", "balanced")
 
 
 class UsageError(ValueError):
@@ -43,12 +48,22 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except a flag's ("--no-progress ... (default: True)" reads backwards)
+    and None (those options' help says what they default to)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default is None:  # flags: their presence is the value
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         description="Train a full-precision or low-bit network: FP, LSQ or BWRF (and the other "
         "block-wise methods). With no data options it trains on scikit-learn's bundled digits.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     what = p.add_argument_group("what to train")
     what.add_argument("--method", default="fp", help=f"one of {', '.join(METHODS)}")
@@ -178,7 +193,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          f"{args.augment!r}")  # fmt: skip
     if args.model is None:
         args.model = DEFAULT_MODEL[args.dataset]
-    from bwrf_ext.models.registry import model_names
+    from bwrf_ext.models.registry import model_names, needs_rgb
 
     for option in ("model", "teacher_model"):
         if getattr(args, option) not in model_names():
@@ -226,6 +241,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("--dataset imagefolder needs --data-dir (holding train/ and val/)")
     if args.data_dir is not None and not args.download and not Path(args.data_dir).is_dir():
         raise UsageError(f"--data-dir {args.data_dir} is not a directory")
+    if (args.normalization == "imagenet" and args.dataset in GRAYSCALE_DATASETS
+            and not needs_rgb(args.model)):  # fmt: skip
+        raise UsageError(
+            f"--normalization imagenet is for RGB images; {args.dataset} is grayscale and "
+            f"{args.model} takes it as is: use auto or dataset"
+        )
+    _check_numbers(args)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -237,22 +259,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--warmup-epochs must be in [0, --epochs), got {args.warmup_epochs}")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be >= 0 (0: load in the main process), got "
+                         f"{args.workers}")  # fmt: skip
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.image_size < 1:
+        raise UsageError(f"--image-size must be >= 1, got {args.image_size}")
     if args.nesterov and (args.optimizer != "sgd" or args.momentum <= 0):
         raise UsageError(f"--nesterov needs --optimizer sgd with --momentum > 0, got --optimizer "
                          f"{args.optimizer}, --momentum {args.momentum}")  # fmt: skip
-    if args.lr is not None and not args.lr > 0:
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.lr is None:
         args.lr = 1e-3 if args.optimizer == "adamw" else (0.01 if args.init_from else 0.1)
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --out, --overwrite replaces it: pick one")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {args.device!r}")
-    if args.method == "contsup":
-        if args.amp:
-            raise UsageError("--amp does not apply to --method contsup (backward per module)")
-        if args.contsup_k < 1:
-            raise UsageError(f"--contsup-k must be >= 1, got {args.contsup_k}")
+    _check_device(args.device)
+    if args.method == "contsup" and args.amp:
+        raise UsageError("--amp does not apply to --method contsup (backward per module)")
+    _check_contsup(args)
     if args.amp and args.device == "cpu":
         raise UsageError("--amp is bf16 autocast on CUDA; it does nothing useful with --device cpu")
     if args.out is None:
@@ -260,7 +284,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.method == "contsup":
             bits = f"-k{args.contsup_k}{args.contsup_context}{bits}"
         args.out = str(Path("runs") / f"{args.method}-{args.model}-{args.dataset}{bits}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; a run needs a directory")
     return args
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """The float options: finite and in range (NaN fails every comparison, so `not` tests)."""
+    for name in ("alpha", "beta", "gamma", "weight_decay"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got "
+                             f"{value}")  # fmt: skip
+    if args.temperature is not None and not (
+        math.isfinite(args.temperature) and args.temperature > 0
+    ):
+        raise UsageError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if not (math.isfinite(args.momentum) and 0 <= args.momentum < 1):
+        raise UsageError(f"--momentum must be in [0, 1), got {args.momentum}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+
+
+def _check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: torch sees no CUDA device (torch "
+                         f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device "
+                         "cpu or auto")  # fmt: skip
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise UsageError(f"--device {device}: torch sees CUDA devices 0.."
+                         f"{torch.cuda.device_count() - 1}")  # fmt: skip
+
+
+def _check_contsup(args: argparse.Namespace) -> None:
+    """ContSup's options, checked whatever the method (their defaults are valid)."""
+    if args.contsup_k < 1:
+        raise UsageError(f"--contsup-k must be >= 1, got {args.contsup_k}")
+    if args.contsup_split not in CONTSUP_SPLITS:
+        raise UsageError(f"--contsup-split must be one of {', '.join(CONTSUP_SPLITS)}, got "
+                         f"{args.contsup_split!r}")  # fmt: skip
+    try:
+        parse_context(args.contsup_context)
+    except ValueError:
+        raise UsageError(f"--contsup-context must be R0, E, R<n> or R<n>E with n >= 1 (e.g. R1, "
+                         f"R1E), got {args.contsup_context!r}") from None  # fmt: skip
+    try:
+        parse_aux_head(args.contsup_aux_head)
+    except ValueError:
+        raise UsageError(
+            f"--contsup-aux-head must look like <n>c<m>f with n >= 0 conv and m >= 1 linear "
+            f"layers (e.g. 1c2f), got {args.contsup_aux_head!r}"
+        ) from None
 
 
 def parse_branches(text: str) -> tuple[int, ...]:
@@ -292,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         train(args)
-    except (UsageError, CheckpointError, RunError, FileNotFoundError) as error:
+    except (UsageError, CheckpointError, DataError, RunError, FileNotFoundError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:

@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -30,7 +31,13 @@ from tqdm import tqdm
 
 import bwrf_ext
 from bwrf_ext._backend import describe_device
-from bwrf_ext.data import ImageData, InMemoryImages, load_image_data
+from bwrf_ext.data import (
+    GRAYSCALE_DATASETS,
+    DataError,
+    ImageData,
+    InMemoryImages,
+    load_image_data,
+)
 from bwrf_ext.models.registry import build_model, needs_rgb, split_named_model
 from bwrf_ext.train import distributed
 from bwrf_ext.train.checkpoint import (
@@ -232,11 +239,16 @@ class _Run:
         args = self.args
         if args.download and self.dist.enabled and not self.dist.is_main:
             self.dist.barrier()  # rank 0 downloads first
-        data = load_image_data(
-            args.dataset, args.data_dir, download=args.download and self.dist.is_main,
-            augment=args.augment, normalization=normalization, seed=args.seed,
-            rgb=needs_rgb(args.model), image_size=args.image_size,
-        )  # fmt: skip
+        try:
+            data = load_image_data(
+                args.dataset, args.data_dir, download=args.download and self.dist.is_main,
+                augment=args.augment, normalization=normalization, seed=args.seed,
+                rgb=needs_rgb(args.model), image_size=args.image_size,
+            )  # fmt: skip
+        except DataError:
+            raise
+        except ValueError as error:  # an option the data set cannot take
+            raise UsageError(f"--dataset {args.dataset}: {error}") from None
         if args.download and self.dist.enabled and self.dist.is_main:
             self.dist.barrier()
         for split in ("train", "test"):
@@ -248,9 +260,17 @@ class _Run:
     def _model_and_method(self, data: ImageData) -> Method:
         args = self.args
         torch.manual_seed(args.seed)  # the same initial weights on every rank and on resume
-        model = build_model(args.model, data.shape)
+        model = self._build("model", args.model, data)
         # The frozen partner: BWRF's is the FP model itself, Block-KD's a teacher of its own.
-        teacher = build_model(args.teacher_model, data.shape) if args.method == "blockkd" else None
+        teacher = (
+            self._build("teacher-model", args.teacher_model, data)
+            if args.method == "blockkd" else None
+        )  # fmt: skip
+        example = _example_batch(data)
+        for option, name, net in (("model", args.model, model),
+                                  ("teacher-model", args.teacher_model, teacher)):  # fmt: skip
+            if net is not None:
+                _check_takes_images(option, name, net, example, data)
         partner = teacher if teacher is not None else model
         ckpt = self.resumed
         if ckpt is not None:
@@ -270,7 +290,6 @@ class _Run:
                         f"the {name} it is given for"
                     )
                 load_into(target, state, f"--{option.replace('_', '-')} {path}")
-        example = data.train[0][0].unsqueeze(0).repeat(2, 1, 1, 1)
         quantized = args.w_bits is not None
         net = model
         if quantized:
@@ -280,6 +299,29 @@ class _Run:
             )
         if args.sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        try:
+            method = self._method(net, model, teacher, data, example, quantized)
+        except ValueError as error:  # a method option that does not fit this model or data
+            raise UsageError(f"--method {args.method}: {error}") from None
+        method.trainable.to(self.dist.device)
+        self._weights.clear()  # loaded into the models: no second copy for the whole run
+        if ckpt is not None:
+            load_into(method.trainable, ckpt["trainable"], "the checkpoint's model")
+        elif method.quantized:
+            self._calibrate(method, data)
+        if method.quantized:  # LSQ's gradient factor counts the global batch (1 process: no-op)
+            bwrf_ext.set_data_parallel_size(method.trainable, self.dist.world_size)
+        return method
+
+    def _build(self, option: str, name: str, data: ImageData) -> nn.Module:
+        try:
+            return build_model(name, data.shape)
+        except ValueError as error:  # e.g. an RGB-only model on grayscale images
+            raise UsageError(f"--{option} {name}: {error}") from None
+
+    def _method(self, net, model, teacher, data: ImageData, example, quantized: bool) -> Method:
+        """The --method around the (quantized) net; config errors raise ValueError."""
+        args = self.args
         if args.method in ("fp", "lsq"):
             method = plain_method(args.method, net, quantized)
         elif args.method == "bwrf":
@@ -313,14 +355,6 @@ class _Run:
             )  # fmt: skip
             split = self._split(args.model, net, example)
             method = contsup_method(net, config, split, example, quantized)
-        method.trainable.to(self.dist.device)
-        self._weights.clear()  # loaded into the models: no second copy for the whole run
-        if ckpt is not None:
-            load_into(method.trainable, ckpt["trainable"], "the checkpoint's model")
-        elif method.quantized:
-            self._calibrate(method, data)
-        if method.quantized:  # LSQ's gradient factor counts the global batch (1 process: no-op)
-            bwrf_ext.set_data_parallel_size(method.trainable, self.dist.world_size)
         return method
 
     def _fp_weights(self, path: str) -> tuple[dict, dict]:
@@ -506,6 +540,14 @@ class _Run:
             chosen = args.normalization
         else:
             chosen = (info or {}).get("normalization") or "dataset"
+        if (chosen == "imagenet" and args.dataset in GRAYSCALE_DATASETS
+                and not needs_rgb(args.model)):  # fmt: skip
+            option = "--init-from" if args.init_from else "--teacher-from"
+            raise UsageError(
+                f"{option} {weights} holds {info['source']} weights, trained on RGB images with "
+                f"ImageNet statistics: they do not fit {args.model} on the grayscale "
+                f"{args.dataset} images"
+            )
         note = f"{weights} ({info['source']} weights)" if info else ""
         return chosen, note
 
@@ -598,6 +640,43 @@ def _given(**options: Any) -> dict[str, Any]:
     return {k: v for k, v in options.items() if v is not None}
 
 
+def _example_batch(data: ImageData) -> torch.Tensor:
+    """Two copies of the first training image: what shape probes and split checks run on."""
+    try:
+        image = data.train[0][0]
+    except Exception as error:  # a lazily read file (imagefolder) that does not decode
+        raise DataError(f"{data.source}: cannot read the first training image: "
+                        f"{type(error).__name__}: {error}") from None  # fmt: skip
+    return image.unsqueeze(0).repeat(2, 1, 1, 1)
+
+
+def _check_takes_images(
+    option: str, name: str, model: nn.Module, example: torch.Tensor, data: ImageData
+) -> None:
+    """One eval-mode forward of the example: a model that cannot take these images (too small
+    for it, or of another kind) is refused now, before anything is written, not in epoch 1."""
+    was_training = model.training
+    shape = data.shape
+    images = f"the {shape.channels}x{shape.height}x{shape.width} images of {data.name}"
+    try:
+        # eval mode and a forked RNG: BatchNorm statistics and the random streams stay as
+        # they were, so the run is the one it would be without this check.
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model.eval()
+            logits = model(example)
+    except Exception as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UsageError(f"--{option} {name} cannot take {images}: {type(error).__name__}"
+                         f"{': ' + text if text else ''}") from None  # fmt: skip
+    finally:
+        model.train(was_training)
+    if tuple(logits.shape) != (len(example), shape.num_classes):
+        raise UsageError(
+            f"--{option} {name} gives outputs of shape {tuple(logits.shape)} on {images}, not "
+            f"({len(example)}, {shape.num_classes}): one score per class"
+        )
+
+
 def _stratified_subset(dataset, size: int, split: str):
     """A class-stratified subset of ``size`` items, the same for every seed (random_state 0)."""
     if not isinstance(dataset, InMemoryImages):
@@ -609,9 +688,19 @@ def _stratified_subset(dataset, size: int, split: str):
     from sklearn.model_selection import train_test_split
 
     labels = dataset.labels.numpy()
-    indices, _ = train_test_split(
-        range(len(labels)), train_size=size, stratify=labels, random_state=0
-    )
+    classes = len(np.unique(labels))
+    if size < classes:
+        raise UsageError(
+            f"--{split}-subset {size} is fewer than the {classes} classes: a stratified subset "
+            "takes at least one image of each"
+        )
+    try:
+        indices, _ = train_test_split(
+            range(len(labels)), train_size=size, stratify=labels, random_state=0
+        )
+    except ValueError as error:  # e.g. fewer images left out than classes
+        raise UsageError(f"--{split}-subset {size}: no stratified subset of that size of the "
+                         f"{len(labels)} {split} images: {error}") from None  # fmt: skip
     index = torch.tensor(sorted(indices))
     subset = InMemoryImages.__new__(InMemoryImages)
     subset.__dict__.update(dataset.__dict__)
