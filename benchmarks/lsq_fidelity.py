@@ -229,6 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--init-from", default=None, help="default: akamaster ResNet-20")
+    parser.add_argument(
+        "--step-init", default="lsq", choices=("lsq", "absmax", "mse"),
+        help="bwrf-train's step-size init; the independent loop always uses the paper's (lsq), "
+        "so lsq compares like with like",
+    )  # fmt: skip
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--independent-only", action="store_true", help=argparse.SUPPRESS)
@@ -256,9 +261,10 @@ def main(argv: list[str] | None = None) -> None:
             options = ["--method", "lsq", "--model", "resnet20", "--dataset", "cifar10",
                        "--data-dir", str(data_dir), "--init-from", args.init_from,
                        "--w-bits", str(bits), "--a-bits", str(bits), "--epochs", str(args.epochs),
-                       "--lr", "0.01", "--seed", str(seed)]  # fmt: skip
+                       "--lr", "0.01", "--seed", str(seed),
+                       "--step-init", args.step_init]  # fmt: skip
             extra = [f"--threads={args.threads}"] if args.threads else []
-            name = f"ours_{tag}_w{bits}a{bits}_seed{seed}"
+            name = f"ours_{tag}_init-{args.step_init}_w{bits}a{bits}_seed{seed}"
             jobs.append(("ours", bits, seed, (name, "fidelity", options, extra, True)))
             jobs.append(("paper", bits, seed, None))
     with ThreadPoolExecutor(args.parallel) as pool:
@@ -276,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"ResNet-20 from `{args.init_from.replace(str(default_shared_dir()), '../shared')}`, "
         f"CIFAR-10 JPEG-q75 copy, {args.epochs} epoch(s), SGD lr 0.01 cosine, batch 128, "
-        "first/last layer 8-bit; written by `python benchmarks/lsq_fidelity.py`.",
+        f"first/last layer 8-bit; bwrf-train with `--step-init {args.step_init}`, the "
+        "independent loop with the paper's init; written by `python benchmarks/lsq_fidelity.py`.",
         "",
         "| bits | seeds | bwrf-train LSQ (%) | independent LSQ (%) | ours − independent |"
         " per seed (ours / independent) |",
@@ -297,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
             + " ; ".join(f"{o:.2f} / {p:.2f}" for o, p in zip(ours, paper, strict=True)) + " |"
         )
         rows.append({"bits": bits, "seeds": seeds, "ours": ours, "independent": paper})
-    stem = RESULTS_DIR / f"lsq_fidelity_{tag}_{device}"
+    stem = RESULTS_DIR / f"lsq_fidelity_{tag}_init-{args.step_init}_{device}"
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     print("\n".join(lines))

@@ -85,7 +85,7 @@ def test_grad_factor_is_one_over_sqrt_n_qmax():
 def test_lsq_init_per_tensor_from_first_batch_only():
     torch.manual_seed(0)
     first, second = torch.randn(8, 16), torch.randn(8, 16) * 10
-    quantizer = LSQQuantizer(4, signed=True)
+    quantizer = LSQQuantizer(4, signed=True, init="lsq")
     quantizer(first)
     expected = 2 * first.abs().mean() / math.sqrt(7)
     torch.testing.assert_close(quantizer.scale.detach(), expected)
@@ -97,7 +97,7 @@ def test_lsq_init_per_tensor_from_first_batch_only():
 def test_lsq_init_per_channel_from_weights():
     torch.manual_seed(0)
     weight = torch.randn(5, 3, 3, 3) * torch.arange(1, 6).view(5, 1, 1, 1)
-    quantizer = LSQQuantizer(4, signed=True, axis=0, num_channels=5)
+    quantizer = LSQQuantizer(4, signed=True, axis=0, num_channels=5, init="lsq")
     quantizer(weight)
     expected = torch.stack([2 * w.abs().mean() / math.sqrt(7) for w in weight])
     torch.testing.assert_close(quantizer.scale.detach(), expected)
@@ -148,12 +148,23 @@ def test_mse_init_is_the_least_error_step_of_its_grid(qmin, qmax):
     assert per_tensor.shape == ()
 
 
+def test_mse_is_the_default_init():
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    quantizer = LSQQuantizer(2)
+    quantizer(x)
+    expected = init_step_size(x, 1, None, "mse", qmin=-2)
+    torch.testing.assert_close(quantizer.scale.detach(), expected)
+    assert QuantConfig().init == "mse" and "init=" not in repr(quantizer)
+    assert "init=lsq" in repr(LSQQuantizer(2, init="lsq"))
+
+
 def test_mse_init_through_the_config():
     conv = nn.Conv2d(4, 6, 3)
     layer = QuantConv2d.from_float(conv, 2, 2, QuantConfig(init="mse"))
     expected = init_step_size(conv.weight, 1, axis=0, method="mse", qmin=-2)
     torch.testing.assert_close(layer.weight_quantizer.scale.detach(), expected)
-    assert "init=mse" in repr(layer.weight_quantizer)
+    assert "init=" not in repr(layer.weight_quantizer)  # the default goes unsaid
     with pytest.raises(ValueError, match="init must be one of lsq, absmax, mse, got 'best'"):
         LSQQuantizer(2, init="best")
 

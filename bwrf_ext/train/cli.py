@@ -16,7 +16,7 @@ from typing import Any
 
 from bwrf_ext.data import AUGMENTS, DATASETS, GRAYSCALE_DATASETS, DataError
 from bwrf_ext.methods.contsup_parts import parse_aux_head, parse_context
-from bwrf_ext.nn.quantizer import CLIP_TESTS, INIT_METHODS
+from bwrf_ext.nn.quantizer import CLIP_TESTS, DEFAULT_INIT, INIT_METHODS
 from bwrf_ext.train.checkpoint import CheckpointError
 from bwrf_ext.train.methods import METHODS
 
@@ -35,7 +35,7 @@ RESUME_MAY_CHANGE = {
 }
 # What a checkpoint written before an option existed ran with, where that differs from the
 # option's default today (the default changed when the option came).
-LEGACY_DEFAULTS = {"clip_test": "after_round"}
+LEGACY_DEFAULTS = {"clip_test": "after_round", "step_init": "lsq"}
 CONTSUP_SPLITS = ("infopro", "infopro_balanced", "even", "balanced")
 
 
@@ -80,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="bits of the first and last layer; 0 keeps them in full precision",
     )  # fmt: skip
     what.add_argument(
-        "--step-init", default="lsq", choices=INIT_METHODS,
-        help="step-size initialisation on the calibration batch: lsq (2*mean|v|/sqrt(qmax), the "
-        "LSQ paper's), absmax (max|v|/qmax) or mse (least quantization error)",
+        "--step-init", default=DEFAULT_INIT, choices=INIT_METHODS,
+        help="step-size initialisation on the calibration batch: mse (least quantization error), "
+        "lsq (2*mean|v|/sqrt(qmax), the LSQ paper's) or absmax (max|v|/qmax)",
     )  # fmt: skip
     what.add_argument(
         "--clip-test", default="before_round", choices=CLIP_TESTS,
