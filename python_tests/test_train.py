@@ -483,7 +483,8 @@ def test_contsup_run_logs_every_module(tmp_path):
             "--contsup-context", "R1", "--epochs", "1"]  # fmt: skip
     assert run_cli(args, out) == 0
     row = records(out)[-1]
-    assert {"train_module1_ce", "train_module2_ce", "train_final_ce", "acc"} <= set(row)
+    # The published preset's local loss is SupCon (the public ContSup code's default).
+    assert {"train_module1_supcon", "train_module2_supcon", "train_final_ce", "acc"} <= set(row)
     # The saved model is the wrapper: the context projectors are part of the network.
     assert any(k.startswith("context.") for k in load_checkpoint(out)["model"])
 

@@ -35,7 +35,7 @@ RESUME_MAY_CHANGE = {
 }
 # What a checkpoint written before an option existed ran with, where that differs from the
 # option's default today (the default changed when the option came).
-LEGACY_DEFAULTS = {"clip_test": "after_round", "step_init": "lsq"}
+LEGACY_DEFAULTS = {"clip_test": "after_round", "step_init": "lsq", "contsup_preset": "uniform"}
 CONTSUP_SPLITS = ("infopro", "infopro_balanced", "even", "balanced")
 
 
@@ -154,7 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     cs.add_argument("--contsup-context", default="E", help="R0, E, R<n> or R<n>E")
     cs.add_argument("--contsup-aux-head", default="1c2f", help="auxiliary head, <n>c<m>f")
-    cs.add_argument("--contsup-loss", default="ce", choices=("ce", "supcon"))
+    cs.add_argument(
+        "--contsup-preset", default="published", choices=("published", "uniform"),
+        help="published: the public ContSup code's heads, loss and loss-weight tables; uniform: "
+        "C->2C heads, CE, flat weights (see bwrf_ext.ContSupConfig)",
+    )  # fmt: skip
+    cs.add_argument(
+        "--contsup-loss", default=None, choices=("ce", "supcon"),
+        help="local loss; default: the preset's (published: supcon, uniform: ce)",
+    )  # fmt: skip
     cs.add_argument("--contsup-reconstruction", action="store_true", help="add the decoder")
     run = p.add_argument_group("run")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda")

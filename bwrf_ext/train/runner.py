@@ -351,6 +351,7 @@ class _Run:
                 num_modules=args.contsup_k, split=args.contsup_split,
                 context=args.contsup_context, aux_head=args.contsup_aux_head,
                 local_loss=args.contsup_loss, reconstruction=args.contsup_reconstruction,
+                preset=args.contsup_preset,
                 image_mean=data.mean, image_std=data.std,
             )  # fmt: skip
             split = self._split(args.model, net, example)
