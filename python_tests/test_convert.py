@@ -294,7 +294,10 @@ def test_data_parallel_size_makes_sharded_gradients_equal_the_whole_batch(proces
 def test_compile_fullgraph_matches_eager():
     """torch.compile(fullgraph=True) after one eager warm-up forward, forward and backward."""
     torch.manual_seed(0)
-    eager = quantize_model(_tiny_cnn(), 4, 4)
+    # LSQ's init: the mse and absmax inits choose steps c * max|v| / qmax that put the largest
+    # |v| of a channel exactly on the clip boundary, where a one-ulp difference in inductor's
+    # arithmetic flips that element's gradient; the comparison is about the graph, not the init.
+    eager = quantize_model(_tiny_cnn(), 4, 4, config=QuantConfig(init="lsq"))
     x = torch.randn(4, 3, 16, 16)
     eager(x)  # lazy init of the activation step sizes, outside the compiled graph
     compiled_model = copy.deepcopy(eager)
