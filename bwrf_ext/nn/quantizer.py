@@ -99,6 +99,8 @@ def init_step_size(
     # An all-zero channel (pruned or dead filter) would start at the eps floor and then need
     # thousands of tiny steps to grow once its weights move; the tensor-wide value is a sane
     # start.
+    if bool((statistic > 0).all()):  # the usual case: no second pass over the tensor
+        return statistic
     tensor_wide = init_step_size(v, qmax, None, method, qmin)
     return torch.where(statistic > 0, statistic, tensor_wide)
 
