@@ -1,7 +1,7 @@
 """bwrf_ext: fused low-bit fake quantization and block-wise training for PyTorch."""
 
+from bwrf_ext import models  # noqa: F401 - registers the model families' block splits
 from bwrf_ext._backend import build_info
-from bwrf_ext.blocks import BlockSplit, FrozenPartner, split_model
 from bwrf_ext.convert import (
     LayerReport,
     calibrate,
@@ -11,6 +11,7 @@ from bwrf_ext.convert import (
     set_data_parallel_size,
     set_quantization_enabled,
 )
+from bwrf_ext.engine import BlockSplit, FrozenPartner, register_split, split_model
 from bwrf_ext.export import QuantizedLayer, export_onnx, export_quantized, onnx_export_mode
 from bwrf_ext.lean import lean_report, make_lean
 from bwrf_ext.losses import dkd_loss, kd_loss
@@ -63,6 +64,7 @@ __all__ = [
     "pack_mask",
     "quantization_report",
     "quantize_model",
+    "register_split",
     "set_data_parallel_size",
     "set_quantization_enabled",
     "split_model",

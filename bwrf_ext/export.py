@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from bwrf_ext.nn.layers import QuantConv2d, QuantLinear
-from bwrf_ext.nn.quantizer import LSQQuantizer
-from bwrf_ext.reference import broadcast_scale
+from bwrf_ext.nn.quantizer import LSQQuantizer, broadcast_scale
 
 # ONNX opset 13 is the first with per-channel QuantizeLinear/DequantizeLinear (axis attribute).
 MIN_QDQ_OPSET = 13

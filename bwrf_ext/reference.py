@@ -14,7 +14,10 @@ MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
 def broadcast_scale(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """Reshapes a step size of shape () / (1,) (axis None) or (C,) to broadcast against x."""
+    """Reshapes a step size of shape () / (1,) (axis None) or (C,) to broadcast against x.
+
+    The oracle's own copy (``bwrf_ext.nn.quantizer.broadcast_scale`` is the layers'): the layers
+    do not depend on the oracle, and the oracle shares no code with what it checks."""
     if axis is None:
         return scale.reshape(())
     shape = [1] * x.dim()

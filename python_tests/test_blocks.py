@@ -11,8 +11,10 @@ import torchvision
 from torch import nn
 
 from bwrf_ext import quantize_model
-from bwrf_ext.blocks import BlockSplit, FrozenPartner, split_model
+from bwrf_ext.engine import BlockSplit, FrozenPartner, register_split, split_model
+from bwrf_ext.engine import split as split_module
 from bwrf_ext.models import resnet20
+from bwrf_ext.models.small import MLP, SmallCNN
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bwrf_ext"
 
@@ -227,7 +229,10 @@ def _imported_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("file", ["blocks.py", "losses.py", "methods/bwrf.py"])
+ENGINE_FILES = sorted(str(f.relative_to(PACKAGE)) for f in (PACKAGE / "engine").glob("*.py"))
+
+
+@pytest.mark.parametrize("file", [*ENGINE_FILES, "losses.py", "methods/bwrf.py"])
 def test_engine_does_not_import_quantization(file: str):
     """Block-KD and ContSup reuse these files: nothing quantization-specific may come with them."""
     quantization = ("bwrf_ext.nn", "bwrf_ext.ops", "bwrf_ext.convert", "bwrf_ext.export",
@@ -235,6 +240,30 @@ def test_engine_does_not_import_quantization(file: str):
     imported = _imported_modules(PACKAGE / file)
     assert imported, file
     assert not [m for m in imported if m.startswith(quantization)]
+
+
+@pytest.mark.parametrize("file", ENGINE_FILES)
+def test_engine_imports_no_model(file: str):
+    """Model families register their splits; the engine knows none of them (no import cycle)."""
+    assert not [m for m in _imported_modules(PACKAGE / file) if m.startswith("bwrf_ext.models")]
+
+
+def test_split_registry_picks_the_most_derived_family_and_lists_them_in_errors():
+    class Special(SmallCNN):
+        pass
+
+    plain = SmallCNN()
+    assert [len(b) for b in split_model(plain).blocks] == [3, 3, 3]  # the registered names
+    register_split(Special, lambda m: BlockSplit(nn.Identity(), [m], nn.Identity()), "special")
+    try:
+        special = Special()
+        assert split_model(special).blocks[0] is special  # its own rule, not SmallCNN's
+        with pytest.raises(TypeError, match=r"no automatic split for MLP \(registered: ") as e:
+            split_model(MLP())
+        for family in ("CIFAR ResNets", "torchvision ResNets", "small CNN", "special"):
+            assert family in str(e.value)
+    finally:
+        del split_module._REGISTRY[Special]
 
 
 def test_block_split_needs_a_block():

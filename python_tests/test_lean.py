@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bwrf_ext.blocks import FrozenPartner, split_model
+from bwrf_ext.engine import FrozenPartner, split_model
 from bwrf_ext.lean import lean_report, make_lean
 from bwrf_ext.models import resnet20
 

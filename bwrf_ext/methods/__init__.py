@@ -1,4 +1,4 @@
-"""Training methods built on the block engine (bwrf_ext.blocks)."""
+"""Training methods built on the block engine (bwrf_ext.engine)."""
 
 from bwrf_ext.methods.blockkd import BlockKD, BlockKDConfig, BlockKDOutput, ConvBNConnector
 from bwrf_ext.methods.bwrf import BWRF, BWRFConfig, BWRFOutput

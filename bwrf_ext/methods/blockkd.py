@@ -10,18 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bwrf_ext.blocks import (
-    BlockSplit,
-    FrozenPartner,
-    PartneredModule,
+from bwrf_ext.engine.branches import (
     check_separate,
     check_split_of,
-    forward_with_branches,
     normalize_branch_choice,
-    probing,
     resolve_branch_weights,
-    split_model,
 )
+from bwrf_ext.engine.partner import FrozenPartner, PartneredModule, forward_with_branches
+from bwrf_ext.engine.split import BlockSplit, probing, split_model
 from bwrf_ext.losses import dkd_loss, kd_loss
 
 __all__ = [

@@ -10,18 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bwrf_ext.blocks import (
-    BlockSplit,
-    FrozenPartner,
-    PartneredModule,
+from bwrf_ext.engine.branches import (
     check_same_classes,
     check_separate,
     check_split_of,
-    forward_with_branches,
     normalize_branch_choice,
     resolve_branch_weights,
-    split_model,
 )
+from bwrf_ext.engine.partner import FrozenPartner, PartneredModule, forward_with_branches
+from bwrf_ext.engine.split import BlockSplit, split_model
 from bwrf_ext.losses import ce_and_kd
 
 __all__ = ["BWRF", "BWRFConfig", "BWRFOutput"]
@@ -140,7 +137,7 @@ class BWRF(PartneredModule):
         lp_model: the model to train (its quantizers may initialise lazily on the first call).
         fp_model: the full-precision partner; frozen in place, never modified.
         config: loss and branch options (default BWRFConfig()).
-        lp_split, fp_split: explicit splits (from :func:`bwrf_ext.blocks.split_model` with
+        lp_split, fp_split: explicit splits (from :func:`bwrf_ext.split_model` with
             module names) for models without an automatic one.
     """
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bwrf_ext.blocks import BlockSplit, probing, split_model
+from bwrf_ext.engine import BlockSplit, probing, split_model
 from bwrf_ext.methods.contsup_parts import (
     AuxHead,
     ContextProjector,
@@ -346,7 +346,7 @@ class ContSupCost:
 class ContSup(nn.Module):
     """Greedy local learning with context supply (ContSup) on any model the engine can split.
 
-    The model is seen as a chain of units: the stem of its :class:`~bwrf_ext.blocks.BlockSplit`,
+    The model is seen as a chain of units: the stem of its :class:`~bwrf_ext.engine.BlockSplit`,
     then every child of each block (every residual block of a ResNet stage), then the head. The
     K modules are contiguous runs of units (``config.split``). In :meth:`train_step`, module m
     runs on its input, its local loss (auxiliary head m: CE or SupCon, plus the weighted
@@ -378,7 +378,7 @@ class ContSup(nn.Module):
     Args:
         model: the network to train (trained in place).
         config: options (default ContSupConfig()).
-        split: an explicit BlockSplit of the model (:func:`bwrf_ext.blocks.split_model` with
+        split: an explicit BlockSplit of the model (:func:`bwrf_ext.engine.split_model` with
             module names) for models without an automatic one.
         example_input: an input the model accepts, for the shape probe; default
             ``zeros(2, 3, 32, 32)``. Its batch size does not matter.

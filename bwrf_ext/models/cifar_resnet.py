@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bwrf_ext.engine.split import BlockSplit, register_split
+
 
 class OptionAShortcut(nn.Module):
     """Option-A shortcut: subsample by 2 and zero-pad the channels (no parameters).
@@ -100,6 +102,22 @@ class CifarResNet(nn.Module):
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
+
+
+def split_cifar_resnet(model: CifarResNet) -> BlockSplit:
+    """The 3-block split: stem ``conv1, bn1, ReLU``; blocks ``layer1..layer3``; head
+    ``avgpool, flatten, linear`` (also of the model's ``quantize_model`` copy)."""
+    # CifarResNet's forward applies ReLU functionally after bn1.
+    return BlockSplit(
+        nn.Sequential(model.conv1, model.bn1, nn.ReLU()),
+        [model.layer1, model.layer2, model.layer3],
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), model.linear),
+        (["conv1", "bn1", "relu"], [["layer1"], ["layer2"], ["layer3"]],
+         ["avgpool", "flatten", "linear"]),
+    )  # fmt: skip
+
+
+register_split(CifarResNet, split_cifar_resnet, "CIFAR ResNets (layer1..layer3)")
 
 
 def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:

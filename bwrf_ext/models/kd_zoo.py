@@ -18,14 +18,11 @@ saved, e.g. for the backward of a fake quantizer that ``quantize_model`` put bef
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from bwrf_ext.blocks import BlockSplit
+from bwrf_ext.engine.split import BlockSplit, register_split
 
 __all__ = [
     "KDResNet",
@@ -267,9 +264,6 @@ def kd_zoo_split(model: nn.Module) -> BlockSplit:
     Raises:
         TypeError: another model type.
     """
-    # Imported here: bwrf_ext.blocks imports bwrf_ext.models, which may import this module.
-    from bwrf_ext.blocks import BlockSplit
-
     if isinstance(model, KDResNet):
         return BlockSplit(
             nn.Sequential(model.conv1, model.bn1, model.relu),
@@ -288,5 +282,9 @@ def kd_zoo_split(model: nn.Module) -> BlockSplit:
         )
     raise TypeError(
         f"kd_zoo_split: expected a KDResNet or WideResNet, got {type(model).__name__}; use "
-        "bwrf_ext.blocks.split_model for other models"
+        "bwrf_ext.split_model for other models"
     )
+
+
+register_split(KDResNet, kd_zoo_split, "the KD zoo's resnet8x4/32x4 (layer1..layer3)")
+register_split(WideResNet, kd_zoo_split, "WRN-16-2/40-2 (block1..block3)")

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bwrf_ext.blocks import BlockSplit, split_model
+from bwrf_ext.engine import BlockSplit, split_model
 from bwrf_ext.models import kd_zoo
 from bwrf_ext.models.cifar_resnet import cifar_resnet
-from bwrf_ext.models.small import MLP, SMALL_CNN_SPLIT, SmallCNN, cifar_resnet18
+from bwrf_ext.models.small import MLP, SmallCNN, cifar_resnet18
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,9 @@ class ImageShape:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A named model: its builder and, for models without an automatic split, module names."""
+    """A named model: its builder and a line about it (its split is registered with its class)."""
 
     build: Callable[[ImageShape], nn.Module]
-    split_names: dict | None = None
     description: str = ""
 
 
@@ -57,7 +56,6 @@ MODELS: dict[str, ModelEntry] = {
     **{name: _kd_zoo_entry(name) for name in ("resnet8x4", "resnet32x4", "wrn_16_2", "wrn_40_2")},
     "small_cnn": ModelEntry(
         lambda s: SmallCNN(s.num_classes, s.channels),
-        split_names=SMALL_CNN_SPLIT,
         description="3 conv-BN-ReLU stages (the digits demo's net)",
     ),
     "mlp": ModelEntry(
@@ -108,8 +106,10 @@ def needs_rgb(name: str) -> bool:
 
 
 def split_named_model(name: str, model: nn.Module, example_input: torch.Tensor) -> BlockSplit:
-    """The block split of a model built by :func:`build_model` (or its quantized copy)."""
-    entry = MODELS.get(name)
-    if entry is not None and entry.split_names is not None:
-        return split_model(model, example_input=example_input, **entry.split_names)
-    return split_model(model)
+    """The block split of a model built by :func:`build_model` (or its quantized copy),
+    checked on ``example_input``.
+
+    Raises:
+        TypeError: no split is registered for the model's family.
+    """
+    return split_model(model, example_input=example_input)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bwrf_ext.engine.split import register_split
+
 
 class SmallCNN(nn.Module):
     """Three conv-BN-ReLU stages and a linear head: the embedded demo's network.
 
     The stages are ``layer1..layer3`` (the blocks BWRF branches from) and the head is ``pool``,
-    ``flatten``, ``fc``, so ``SMALL_CNN_SPLIT`` splits it by name.
+    ``flatten``, ``fc``: ``split_model`` splits it by these names (``SMALL_CNN_SPLIT``).
 
     Args:
         num_classes: outputs of the head.
@@ -45,6 +47,7 @@ SMALL_CNN_SPLIT = {
     "blocks": [["layer1"], ["layer2"], ["layer3"]],
     "head": ["pool", "flatten", "fc"],
 }
+register_split(SmallCNN, SMALL_CNN_SPLIT, "the small CNN (layer1..layer3)")
 
 
 class MLP(nn.Module):

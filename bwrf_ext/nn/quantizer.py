@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from bwrf_ext.ops import lsq_fake_quant
-from bwrf_ext.reference import broadcast_scale
 
 Signedness = bool | Literal["auto"]
 Impl = Literal["fused", "composite"]
@@ -27,6 +26,15 @@ CLIP_TESTS = ("before_round", "after_round")
 # post-training-quantization searches), tried on at most this many elements per step size.
 MSE_CANDIDATES = 100
 MSE_MAX_ELEMENTS = 1 << 18
+
+
+def broadcast_scale(scale: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """Reshapes a step size of shape () / (1,) (axis None) or (C,) to broadcast against x."""
+    if axis is None:
+        return scale.reshape(())
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return scale.reshape(shape)
 
 
 def check_bits(bits: object, what: str = "bits") -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bwrf_ext
-from bwrf_ext.blocks import BlockSplit
+from bwrf_ext.engine import BlockSplit
 
 METHODS = ("fp", "lsq", "bwrf", "blockkd", "contsup")
 
