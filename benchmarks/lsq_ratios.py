@@ -8,7 +8,7 @@ synchronizes CUDA around each block), and reports medians:
 
 - ``ours``: ``bwrf_ext.lsq_fake_quant`` (compiled kernels, or the reference when not built);
 - ``eager``: the composite LSQ most research code uses (grad_scale + round_pass chain,
-  ``bwrf_ext.nn.composite_lsq_fake_quant``);
+  ``benchmarks/composite_lsq.py``);
 - ``learnable``: ``torch._fake_quantize_learnable_per_tensor_affine`` with zero_point 0;
 - ``compile``: ``torch.compile(composite, dynamic=False)``;
 - ``clone``: ``x.clone()``, an out-of-place op of the same size with its allocation: the
@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from torch.utils import benchmark as torch_benchmark  # noqa: E402
 
 import bwrf_ext  # noqa: E402
+from benchmarks.composite_lsq import composite_lsq_fake_quant  # noqa: E402
 from benchmarks.report import (  # noqa: E402
     BUSY_SHARE,
     Run,
@@ -46,7 +47,6 @@ from benchmarks.report import (  # noqa: E402
     cpu_clocks,
     others_share,
 )
-from bwrf_ext.nn.quantizer import composite_lsq_fake_quant  # noqa: E402
 
 QMIN, QMAX = -8, 7
 MODES = ("fwd", "fwd+bwd")

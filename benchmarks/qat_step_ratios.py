@@ -8,8 +8,8 @@ random 3x32x32 inputs, model in train mode. Variants, built from the same initia
 - ``float``: the full-precision ResNet-20;
 - ``ours``: ``bwrf_ext.quantize_model(model, w_bits=4, a_bits=4)`` (W4A4, first conv and last
   linear 8-bit), quantizers running the fused ``bwrf_ext.lsq_fake_quant``;
-- ``composite``: the same layers with ``QuantConfig(impl="composite")``, the eager research-code
-  LSQ (grad_scale + round_pass chain of ATen ops).
+- ``composite``: the same layers switched by ``use_composite`` (``benchmarks/composite_lsq.py``)
+  to the eager research-code LSQ (grad_scale + round_pass chain of ATen ops).
 
 The variants are timed interleaved in rounds (drift hits them alike) with
 ``torch.utils.benchmark.Timer.blocked_autorange``; the table gives medians and ours / other.
@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bwrf_ext  # noqa: E402
+from benchmarks.composite_lsq import use_composite  # noqa: E402
 from benchmarks.report import Run, add_common_arguments, time_interleaved  # noqa: E402
 from bwrf_ext.models import resnet20  # noqa: E402
 
@@ -46,14 +47,11 @@ def build_model(variant: str, device: torch.device, seed: int = 0) -> nn.Module:
     model = resnet20().to(device)
     if variant == "float":
         return model
-    if variant == "ours":
-        config = bwrf_ext.QuantConfig()
-    elif variant == "composite":
-        # The composite clamps x/s before rounding, so it needs the paper's clip test.
-        config = bwrf_ext.QuantConfig(impl="composite")
-    else:
+    if variant not in VARIANTS:
         raise ValueError(f"build_model: variant must be one of {VARIANTS}, got {variant!r}")
-    return bwrf_ext.quantize_model(model, W_BITS, A_BITS, config=config, inplace=True)
+    model = bwrf_ext.quantize_model(model, W_BITS, A_BITS, inplace=True)
+    # The composite clamps x/s before rounding: the paper's clip test, the default.
+    return use_composite(model) if variant == "composite" else model
 
 
 @dataclasses.dataclass

@@ -4,7 +4,6 @@ from bwrf_ext.nn.layers import QuantConv2d, QuantLinear
 from bwrf_ext.nn.quantizer import (
     LSQQuantizer,
     QuantConfig,
-    composite_lsq_fake_quant,
     init_step_size,
     lsq_grad_factor,
     quant_range,
@@ -15,7 +14,6 @@ __all__ = [
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
-    "composite_lsq_fake_quant",
     "lsq_grad_factor",
     "init_step_size",
     "quant_range",

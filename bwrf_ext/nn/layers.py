@@ -32,7 +32,6 @@ class _QuantLayerMixin:
         """
         common = dict(
             clip_test=config.clip_test,
-            impl=config.impl,
             eps=config.eps,
             init=config.init,
         )

@@ -12,7 +12,6 @@ from torch import nn
 from bwrf_ext.ops import lsq_fake_quant
 
 Signedness = bool | Literal["auto"]
-Impl = Literal["fused", "composite"]
 InitMethod = Literal["lsq", "absmax", "mse"]
 INIT_METHODS = ("lsq", "absmax", "mse")
 # The default step-size init, chosen by measurement (issue 16: ResNet-20 on CIFAR-10, one QAT
@@ -136,36 +135,6 @@ def _mse_step(rows: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     return best
 
 
-def composite_lsq_fake_quant(
-    x: torch.Tensor,
-    scale: torch.Tensor,
-    qmin: int,
-    qmax: int,
-    grad_factor: float,
-    axis: int | None = None,
-) -> torch.Tensor:
-    """The eager research-code LSQ (a chain of ATen ops), kept as the benchmark baseline.
-
-    Same values as :func:`bwrf_ext.lsq_fake_quant` up to x/s being a division here (a product
-    with 1/s in the fused op), and the gradients of ``clip_test="before_round"``, since the
-    clamp comes before the round.
-
-    Args:
-        x: (any shape) float tensor.
-        scale: () or (1,) when axis is None, else (x.shape[axis],).
-        qmin, qmax: integer code range.
-        grad_factor: the step-size gradient scale g.
-        axis: None for one step size, else the channel dimension of x.
-
-    Returns:
-        Tensor of x's shape.
-    """
-    s = broadcast_scale(scale, x, axis)
-    s = (s - s * grad_factor).detach() + s * grad_factor  # value s, gradient scaled by g
-    v = (x / s).clamp(qmin, qmax)
-    return ((v.round() - v).detach() + v) * s  # straight-through round
-
-
 @dataclass(frozen=True)
 class QuantConfig:
     """Quantizer options shared by every quantized layer (bits are set per layer).
@@ -182,9 +151,6 @@ class QuantConfig:
             x/s in [qmax, qmax + 0.5) then counts as inside (input gradient 1, step-size
             gradient <= 0), which at 2 bits pushes the weights' step sizes down (measured: ~20
             points lower ResNet-20 W2A2 accuracy after one CIFAR-10 epoch).
-        impl: "fused" runs ``bwrf_ext.lsq_fake_quant``; "composite" runs the eager research-code
-            formulation (:func:`composite_lsq_fake_quant`), for benchmarks. It clips before
-            rounding, so it requires ``clip_test="before_round"``.
         eps: floor of the step size used in forward.
         init: step-size initialisation, "mse" (least quantization error, the default: it
             trained best at 2-4 bits), "lsq" (the LSQ paper's) or "absmax", see
@@ -195,7 +161,6 @@ class QuantConfig:
     w_signed: Signedness = True
     a_signed: Signedness = "auto"
     clip_test: ClipTest = "before_round"
-    impl: Impl = "fused"
     eps: float = 1e-8
     init: InitMethod = DEFAULT_INIT
 
@@ -231,7 +196,6 @@ class LSQQuantizer(nn.Module):
         num_channels: number of step sizes when axis is not None (the input's size along axis).
         clip_test: "before_round" (the LSQ paper's, default) or "after_round" (ATen's), see
             :class:`QuantConfig`.
-        impl: "fused" or "composite", see :class:`QuantConfig`.
         eps: floor of the forward step size.
         init: "mse" (default), "lsq" or "absmax", see :func:`init_step_size`.
 
@@ -247,7 +211,6 @@ class LSQQuantizer(nn.Module):
         num_channels: int | None = None,
         *,
         clip_test: ClipTest = "before_round",
-        impl: Impl = "fused",
         eps: float = 1e-8,
         init: InitMethod = DEFAULT_INIT,
     ) -> None:
@@ -260,17 +223,10 @@ class LSQQuantizer(nn.Module):
                 "LSQQuantizer: per-channel quantization needs both axis and num_channels, got "
                 f"axis={axis}, num_channels={num_channels}"
             )
-        if impl not in ("fused", "composite"):
-            raise ValueError(f"LSQQuantizer: impl must be 'fused' or 'composite', got {impl!r}")
         if clip_test not in CLIP_TESTS:
             raise ValueError(
                 f"LSQQuantizer: clip_test must be 'before_round' (the LSQ paper's) or "
                 f"'after_round' (ATen's), got {clip_test!r}"
-            )
-        if impl == "composite" and clip_test != "before_round":
-            raise ValueError(
-                "LSQQuantizer: impl='composite' clamps before rounding, so it needs "
-                f"clip_test='before_round', got {clip_test!r}"
             )
         if init not in INIT_METHODS:
             raise ValueError(
@@ -282,7 +238,6 @@ class LSQQuantizer(nn.Module):
         self.signed_mode = signed
         self.axis = axis
         self.clip_test = clip_test
-        self.impl = impl
         self.eps = eps
         self.init_method = init
         self.enabled = True
@@ -401,8 +356,10 @@ class LSQQuantizer(nn.Module):
         s = self.effective_scale()
         channels = 1 if self.axis is None else x.shape[self.axis]
         g = lsq_grad_factor(x.numel() // channels * self.data_parallel_size, qmax)
-        if self.impl == "composite":
-            return composite_lsq_fake_quant(x, s, qmin, qmax, g, self.axis)
+        return self._fake_quant(x, s, qmin, qmax, g)
+
+    def _fake_quant(self, x: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int, g: float):
+        """The fake-quant op itself (the benchmarks' eager composite baseline overrides it)."""
         return lsq_fake_quant(
             x, s, qmin, qmax, g, self.axis, clip_before_round=self.clip_test == "before_round"
         )
@@ -449,7 +406,6 @@ class LSQQuantizer(nn.Module):
             "per_tensor"
             if self.axis is None
             else f"per_channel(axis={self.axis}, channels={self.scale.numel()})",
-            None if self.impl == "fused" else f"impl={self.impl}",
             None if self.init_method == DEFAULT_INIT else f"init={self.init_method}",
             None if self.clip_test == "before_round" else f"clip_test={self.clip_test}",
             None if self._initialized else "uninitialized",
