@@ -1,17 +1,19 @@
-"""ContSup's parts: split and loss-weight tables, auxiliary heads, context, decoder."""
+"""Where ContSup's modules end: the model's units, the published tables, the computed splits."""
 
 from __future__ import annotations
 
 import math
-import re
+import warnings
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bwrf_ext.losses import supervised_contrastive_loss
+from bwrf_ext.blocks import BlockSplit
+from bwrf_ext.models.cifar_resnet import CifarResNet
+
+if TYPE_CHECKING:
+    from bwrf_ext.methods.contsup.config import ContSupConfig
 
 __all__ = [
     "INFOPRO_BALANCED_SPLITS",
@@ -19,18 +21,13 @@ __all__ = [
     "INFOPRO_SPLITS",
     "PUBLISHED_BALANCED_LOSS_WEIGHTS",
     "PUBLISHED_LOSS_WEIGHTS",
-    "AuxHead",
-    "ContextProjector",
     "LossWeights",
     "Position",
-    "ReconstructionDecoder",
     "balanced_split",
     "even_split",
-    "parse_aux_head",
-    "parse_context",
     "published_loss_weights",
     "published_split",
-    "supervised_contrastive_loss",
+    "resolve_split",
 ]
 
 # Where a module ends: (stage, block). Stage 0 is the stem (block 0 only); stage s >= 1 is the
@@ -264,234 +261,92 @@ def _check_num_modules(num_units: int, num_modules: int) -> None:
         )
 
 
-_AUX_HEAD = re.compile(r"(\d+)c(\d+)f")
-
-
-def parse_aux_head(spec: str) -> tuple[int, int]:
-    """Parses an auxiliary-head string ``"<n>c<m>f"`` into (n convs, m linear layers).
-
-    Grammar: ``n`` >= 0 conv3x3-BN-ReLU layers, then global average pooling, then ``m`` >= 1
-    linear layers with ReLU between them. The public code's "0c1f", "0c2f", "1c1f", "1c2f",
-    "1c3f" and "2c2f" are all of this form; "0c1f" is greedy supervised learning's linear probe.
-    """
-    match = _AUX_HEAD.fullmatch(spec) if isinstance(spec, str) else None
-    if match is None or int(match[2]) < 1:
-        raise ValueError(
-            f"ContSupConfig: aux_head must look like '<n>c<m>f' with n >= 0 conv layers and "
-            f"m >= 1 linear layers (e.g. '1c2f', '0c1f', '2c2f'), got {spec!r}"
-        )
-    return int(match[1]), int(match[2])
-
-
-_CONTEXT = re.compile(r"R(\d+)(E?)|E")
-
-
-def parse_context(mode: str) -> tuple[int, bool]:
-    """Parses a context mode into (n, image): n recent module inputs, and the image encoder.
-
-    Grammar: ``"R0"`` (no context), ``"E"`` (the image), ``"R<n>"`` (the inputs of the last n
-    modules, n >= 1), ``"R<n>E"`` (both; "R1E" is the paper's). With E on, the image itself is
-    never also an R source, as in the public code.
-    """
-    match = _CONTEXT.fullmatch(mode) if isinstance(mode, str) else None
-    if match is None or (match[0] != "E" and int(match[1]) == 0 and match[2]):
-        raise ValueError(
-            f"ContSupConfig: context must be 'R0', 'E', 'R<n>' or 'R<n>E' with n >= 1 "
-            f"(e.g. 'R1', 'R2', 'R1E'), got {mode!r}"
-        )
-    if match[0] == "E":
-        return 0, True
-    return int(match[1]), bool(match[2])
-
-
-class AuxHead(nn.Module):
-    """A local auxiliary head ``"<n>c<m>f"`` (see :func:`parse_aux_head`).
-
-    The first conv maps C to 2C channels with stride 2; further convs keep the width, stride 1.
-    With ``channel_cap`` set, an input whose 2C would exceed the cap keeps ``cap`` channels and
-    stride 1 instead (the public code's rule with cap 64: its 64-channel heads are 64->64,
-    stride 1). Hidden linear layers have ``feature_dim`` units; the last one outputs
-    ``out_features`` (classes for CE, the embedding size for SupCon). Widths scale by ``widen``.
+def resolve_split(
+    config: ContSupConfig, positions: list[Position], costs: list[int], arch: str | None
+) -> tuple[list[int], str]:
+    """(unit indices after which modules 1..K-1 end, a description of where they came from).
 
     Args:
-        in_channels: C, channels of the boundary output.
-        spec: the head string, e.g. "1c2f".
-        out_features: outputs of the last linear layer.
-        feature_dim: hidden linear width (before widen).
-        widen: width multiplier of the convs and hidden linear layers.
-        channel_cap: None, or the cap described above.
-
-    Shape:
-        (B, C, H, W) -> (B, out_features).
+        config: the options; ``split``, ``num_modules`` and ``table_dataset`` are read.
+        positions: the (stage, block) position of every unit (:func:`_units_of`).
+        costs: every unit's saved-activation bytes, the "balanced" split's costs.
+        arch: the table key, or None (no table: the computed fallback, with a warning).
     """
-
-    def __init__(
-        self,
-        in_channels: int,
-        spec: str,
-        out_features: int,
-        feature_dim: int = 128,
-        widen: float = 1.0,
-        channel_cap: int | None = None,
-    ) -> None:
-        super().__init__()
-        num_convs, num_linear = parse_aux_head(spec)
-        layers: list[nn.Module] = []
-        channels = in_channels
-        for i in range(num_convs):
-            if i == 0:
-                stride, width = 2, 2 * in_channels
-                if channel_cap is not None and width > channel_cap:
-                    stride, width = 1, channel_cap
-                width = int(width * widen)
-            else:
-                stride, width = 1, channels
-            layers += [
-                nn.Conv2d(channels, width, 3, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(width),
-                nn.ReLU(),
-            ]
-            channels = width
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
-        hidden = int(feature_dim * widen)
-        for i in range(num_linear):
-            last = i == num_linear - 1
-            layers.append(nn.Linear(channels, out_features if last else hidden))
-            if not last:
-                layers.append(nn.ReLU())
-            channels = hidden
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.net(h)
-
-
-# The public code gives the convs before BatchNorm a bias; BN's mean subtraction cancels it (its
-# gradient is exactly 0), so here they have none: same functions, fewer dead parameters.
-
-
-def _image_encoder(in_channels: int, out_channels: int, hidden: int) -> nn.Sequential:
-    # The public Encoder: two conv3x3-BN-ReLU at the input's resolution; pooled to the
-    # boundary's size by ContextProjector.
-    return nn.Sequential(
-        nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False),
-        nn.BatchNorm2d(hidden),
-        nn.ReLU(),
-        nn.Conv2d(hidden, out_channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(),
-    )
-
-
-def _input_encoder(in_channels: int, out_channels: int) -> nn.Sequential:
-    # The public ResEncoder: conv1x1-BN-ReLU, pooled to the boundary's size by ContextProjector.
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(),
-    )
-
-
-class ContextProjector(nn.Module):
-    """The context supplied at one module boundary: ``h.detach() + E(x) + sum_j R_j(in_j)``.
-
-    Every source is detached, so the projector's parameters learn from the next module's loss
-    only, and no gradient reaches the current module or anything before it. Each projected
-    source is average-pooled to the boundary output's spatial size (skipped when equal). With
-    no source (mode R0) this is ``h.detach()``.
-
-    The image encoder runs at the input's resolution and is pooled afterwards (the public
-    code), or, with ``image_at_boundary``, on the image average-pooled to the boundary's size
-    first: the same layers at a fraction of the MACs and activation memory (1/16 at a stride-4
-    boundary), a deviation from the public code.
-
-    Args:
-        channels: C, channels of the boundary output h.
-        image_channels: channels of the network input for the image encoder E, or None (no E).
-        recent_channels: channels of the recent module inputs, most recent first (the current
-            module's own input, then the one before, ...); one 1x1 projector each.
-        hidden: hidden width of E (the public code's 12).
-        image_at_boundary: pool the image to the boundary's size before E (see above).
-
-    Shape:
-        h: (B, C, H, W); image: (B, C_in, H_in, W_in); recent[j]: (B, C_j, H_j, W_j)
-        -> (B, C, H, W).
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        image_channels: int | None,
-        recent_channels: Sequence[int],
-        hidden: int = 12,
-        image_at_boundary: bool = False,
-    ) -> None:
-        super().__init__()
-        self.image_at_boundary = image_at_boundary
-        self.image = (
-            _image_encoder(image_channels, channels, hidden) if image_channels is not None else None
-        )
-        self.recent = nn.ModuleList(_input_encoder(c, channels) for c in recent_channels)
-
-    @property
-    def num_recent(self) -> int:
-        """How many recent module inputs this projector takes."""
-        return len(self.recent)
-
-    def forward(
-        self, h: torch.Tensor, image: torch.Tensor, recent: Sequence[torch.Tensor]
-    ) -> torch.Tensor:
-        if len(recent) != len(self.recent):
+    k, num_units = config.num_modules, len(positions)
+    index = {p: u for u, p in enumerate(positions)}
+    if not isinstance(config.split, str):
+        unknown = [p for p in config.split if p not in index]
+        if unknown:
             raise ValueError(
-                f"ContextProjector: expected {len(self.recent)} recent inputs, got {len(recent)}"
+                f"ContSup: split positions {unknown} do not exist; this model's units are "
+                f"(0, 0) (stem) and (stage, block) for stage sizes "
+                f"{_stage_sizes(positions)}"
             )
-        out = h.detach()
-        size = h.shape[-2:]
-        if self.image_at_boundary and image.shape[-2:] != size:
-            image = F.adaptive_avg_pool2d(image.detach(), size)
-        sources = [(self.image, image)] if self.image is not None else []
-        sources += list(zip(self.recent, recent, strict=True))
-        for encoder, source in sources:
-            context = encoder(source.detach())
-            if context.shape[-2:] != size:
-                context = F.adaptive_avg_pool2d(context, size)
-            out = out + context
-        return out
-
-
-class ReconstructionDecoder(nn.Module):
-    """InfoPro's local decoder: upsample h to the image size, then conv3x3-BN-ReLU-conv3x3.
-
-    Returns the reconstruction's logits; the loss is BCE between their sigmoid and the image
-    restored to [0, 1], computed from the logits (``binary_cross_entropy_with_logits``: the
-    public code's Sigmoid + BCELoss, without its log(0) clamping).
-
-    Args:
-        in_channels: C, channels of h.
-        image_channels: channels of the image.
-        hidden: hidden width (the public code's 12).
-        interpolation: "bilinear" (align_corners=True, as the public code) or "nearest".
-
-    Shape:
-        h: (B, C, H, W), size (H_img, W_img) -> (B, image_channels, H_img, W_img) logits.
-    """
-
-    def __init__(
-        self, in_channels: int, image_channels: int, hidden: int = 12,
-        interpolation: str = "bilinear",
-    ) -> None:
-        super().__init__()
-        self.interpolation = interpolation
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 3, padding=1, bias=False),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(),
-            nn.Conv2d(hidden, image_channels, 3, padding=1),
+        ends = [index[p] for p in config.split]
+        if any(b <= a for a, b in zip(ends, ends[1:], strict=False)):
+            raise ValueError(
+                f"ContSup: split positions must be strictly increasing, got {config.split}"
+            )
+        return ends, "user"
+    if k == 1:
+        return [], "end-to-end"
+    if k > num_units:
+        raise ValueError(
+            f"ContSup: num_modules must be in [1, {num_units}] for this model ({num_units} "
+            f"units: the stem and {num_units - 1} blocks), got {k}"
         )
+    if config.split == "even":
+        return even_split(num_units, k), "even"
+    if config.split == "balanced":
+        return balanced_split(costs, k), "balanced"
+    balanced = config.split == "infopro_balanced"
+    table = (
+        published_split(arch, k, balanced, config.table_dataset) if arch is not None else None
+    )
+    fallback = "balanced" if balanced else "even"
+    if table is None:
+        warnings.warn(
+            f"ContSup: no published {config.split!r} split for {arch or 'this model'} with "
+            f"K={k}; using the computed {fallback!r} split",
+            stacklevel=3,
+        )
+        return (balanced_split(costs, k) if balanced else even_split(num_units, k)), fallback
+    if any(p not in index for p in table):
+        raise ValueError(
+            f"ContSup: the {config.split!r} table for {arch} K={k} does not fit this model "
+            f"(stage sizes {_stage_sizes(positions)}); is table_arch right?"
+        )
+    return [index[p] for p in table], f"{config.split} table ({arch}, K={k})"
 
-    def forward(self, h: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        if self.interpolation == "bilinear":
-            h = F.interpolate(h, size=tuple(size), mode="bilinear", align_corners=True)
-        else:
-            h = F.interpolate(h, size=tuple(size), mode="nearest")
-        return self.net(h)
+
+def _units_of(split: BlockSplit) -> tuple[list[nn.Module], list[Position], list[str]]:
+    """The split as a chain of units: the stem, then each block's children (or the block)."""
+    units: list[nn.Module] = [split.stem]
+    positions: list[Position] = [(0, 0)]
+    block_names = split.names[1] if split.names is not None else None
+    names = ["stem"]
+    for s, block in enumerate(split.blocks, 1):
+        label = ",".join(block_names[s - 1]) if block_names else f"blocks.{s - 1}"
+        children = list(block) if isinstance(block, nn.Sequential) and len(block) else [block]
+        for b, child in enumerate(children):
+            units.append(child)
+            positions.append((s, b))
+            names.append(f"{label}.{b}" if len(children) > 1 or child is not block else label)
+    return units, positions, names
+
+
+def _stage_sizes(positions: list[Position]) -> list[int]:
+    sizes: dict[int, int] = {}
+    for s, _ in positions[1:]:
+        sizes[s] = sizes.get(s, 0) + 1
+    return list(sizes.values())
+
+
+def _table_arch(model: nn.Module, split: BlockSplit) -> str | None:
+    """"resnet{6n+2}" for a CIFAR ResNet (or its quantized copy), else None."""
+    if not isinstance(model, CifarResNet):
+        return None
+    sizes = [len(b) for b in split.blocks]
+    if len(sizes) != 3 or len(set(sizes)) != 1:
+        return None
+    return f"resnet{6 * sizes[0] + 2}"
