@@ -53,6 +53,7 @@ from benchmarks.report import (  # noqa: E402
     others_share,
     time_interleaved,
 )
+from bwrf_ext.memory import saved_activation_bytes  # noqa: E402
 from bwrf_ext.models import resnet20  # noqa: E402
 
 BATCH = 128
@@ -119,21 +120,13 @@ def make_step(variant: str, device: torch.device, batch: int = BATCH) -> TrainSt
 
 def saved_tensor_bytes(step: TrainStep) -> int:
     """Bytes of the unique non-parameter storages autograd saves in one forward of the step."""
-    storages: dict[tuple[int, int], int] = {}
-    parameters = {p.untyped_storage().data_ptr() for p in step.model.parameters()}
+    parameters = [*step.model.parameters()]
     if step.fp_model is not None:
-        parameters |= {p.untyped_storage().data_ptr() for p in step.fp_model.parameters()}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[(storage.data_ptr(), storage.device.index or 0)] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        parameters += step.fp_model.parameters()
+    with saved_activation_bytes(parameters) as saved:
         loss = step.loss()
     del loss
-    return sum(storages.values())
+    return saved.total
 
 
 def _status_kib(field: str) -> int:

@@ -29,7 +29,6 @@ import argparse
 import json
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: `benchmarks` (and an uninstalled bwrf_ext)
@@ -38,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: `benchmarks` (and an uninstall
 import torch  # noqa: E402
 
 from benchmarks.report import Run, add_common_arguments  # noqa: E402
+from bwrf_ext.memory import saved_activation_bytes  # noqa: E402
 from bwrf_ext.methods.contsup import ContSup, ContSupConfig  # noqa: E402
 from bwrf_ext.models import resnet32  # noqa: E402
 
@@ -65,65 +65,6 @@ def batch_of(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
     return x.to(device), torch.randint(0, 10, (size,), generator=gen).to(device)
 
 
-class _Saved:
-    """What the pack hook hands autograd instead of the tensor; its death frees the entry."""
-
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-
-class LiveSavedBytes:
-    """Tracks the unique storages autograd holds for backward, and their peak total.
-
-    Use as a context manager around a training step. Parameters are excluded (they live anyway).
-    A storage enters when first saved and leaves when the last saved reference to it is freed,
-    i.e. when the graph that saved it is released by backward.
-    """
-
-    def __init__(self, parameters) -> None:
-        self.exclude = {p.untyped_storage().data_ptr() for p in parameters}
-        self.live: dict[tuple[str, int], list[int]] = {}  # key -> [references, bytes]
-        self.current = 0
-        self.peak = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-
-    def _pack(self, t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage.data_ptr() in self.exclude:
-            return t
-        key = (str(t.device), storage.data_ptr())
-        entry = self.live.get(key)
-        if entry is None:
-            self.live[key] = [1, storage.nbytes()]
-            self.current += storage.nbytes()
-            self.peak = max(self.peak, self.current)
-        else:
-            entry[0] += 1
-        holder = _Saved(t)
-        weakref.finalize(holder, self._release, key)
-        return holder
-
-    @staticmethod
-    def _unpack(packed):
-        return packed.tensor if isinstance(packed, _Saved) else packed
-
-    def _release(self, key: tuple[str, int]) -> None:
-        entry = self.live[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            self.current -= entry[1]
-            del self.live[key]
-
-    def __enter__(self) -> LiveSavedBytes:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
-
-
 def measure(num_modules: int, variant: str, device: torch.device, batch: int) -> dict:
     """Peak live saved bytes (and CUDA peak over resting memory) of one training step."""
     cs = make_contsup(num_modules, variant, device)
@@ -136,7 +77,7 @@ def measure(num_modules: int, variant: str, device: torch.device, batch: int) ->
         torch.cuda.synchronize(device)
         resting = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    with LiveSavedBytes(cs.parameters()) as tracker:
+    with saved_activation_bytes(cs.parameters()) as tracker:
         out = cs.train_step(x, y, optimizer)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -51,6 +51,7 @@ from benchmarks.report import (  # noqa: E402
     others_share,
     time_interleaved,
 )
+from bwrf_ext.memory import saved_activation_bytes  # noqa: E402
 
 VARIANTS = ("bwrf_batched", "bwrf_plain", "lsq")
 BRANCH_TARGET, PEAK_TARGET = 20.0, 1.1
@@ -62,17 +63,10 @@ def branch_saved_bytes(step: TrainStep) -> int:
     with torch.no_grad():
         outputs = bwrf.lp_split.block_outputs(step.x)
     entries = {i: outputs[i - 1].detach().requires_grad_() for i in bwrf.branch_weights}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, torch.nn.Parameter):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activation_bytes() as saved:
         logits = bwrf.partner.branches(entries, batched=bwrf.config.batched)
     del logits
-    return sum(storages.values())
+    return saved.total
 
 
 class LiveTensorBytes(TorchDispatchMode):

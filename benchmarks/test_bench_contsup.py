@@ -1,10 +1,11 @@
 """pytest-benchmark timings of one ResNet-32 ContSup step (E2E, K=16 R0, K=8 E), and its memory.
 
-The step and the live-saved-bytes tracker live in benchmarks/contsup_memory.py (its docstring
-says what is measured); K=16 R0 is "ours" in the ratio line of benchmarks/conftest.py. Each test
-also checks that the step trained every part and, against E2E, the memory target, so a broken
-step fails in quick mode (``--benchmark-disable``) too. Batch 16 keeps quick mode short; the
-saved bytes scale with the batch, so the ratio is the one at batch 128.
+The step lives in benchmarks/contsup_memory.py (its docstring says what is measured), the
+live-saved-bytes tracker in bwrf_ext/memory.py; K=16 R0 is "ours" in the ratio line of
+benchmarks/conftest.py. Each test also checks that the step trained every part and, against
+E2E, the memory target, so a broken step fails in quick mode (``--benchmark-disable``) too.
+Batch 16 keeps quick mode short; the saved bytes scale with the batch, so the ratio is the one
+at batch 128.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.contsup_memory import TARGET, LiveSavedBytes, batch_of, make_contsup
+from benchmarks.contsup_memory import TARGET, batch_of, make_contsup
 from benchmarks.report import synchronized
 from bwrf_ext import build_info
+from bwrf_ext.memory import saved_activation_bytes
 
 BATCH = 16
 CASES = {"e2e": (1, "R0"), "k16_r0": (16, "R0"), "k8_e": (8, "E")}
@@ -24,7 +26,7 @@ CASES = {"e2e": (1, "R0"), "k16_r0": (16, "R0"), "k8_e": (8, "E")}
 def _peak_saved(num_modules: int, variant: str, device: torch.device) -> int:
     cs = make_contsup(num_modules, variant, device)
     x, y = batch_of(BATCH, device)
-    with LiveSavedBytes(cs.parameters()) as tracker:
+    with saved_activation_bytes(cs.parameters()) as tracker:
         cs.train_step(x, y)
     assert not tracker.live  # every graph was freed by its backward
     return tracker.peak

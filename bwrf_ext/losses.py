@@ -1,13 +1,14 @@
-"""Loss terms shared by the block-wise methods: cross-entropy, temperature-scaled KD and DKD."""
+"""Loss terms of the block-wise methods: cross-entropy, temperature-scaled KD, DKD and SupCon."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ce_and_kd", "dkd_loss", "kd_loss"]
+__all__ = ["ce_and_kd", "dkd_loss", "kd_loss", "supervised_contrastive_loss"]
 
 
 def kd_loss(
@@ -130,3 +131,41 @@ def dkd_loss(
     nckd = (p_rest_t * (rest_t - rest_s)).sum(1)
     loss = (tckd_weight * tckd + nckd_weight * nckd) * temperature**2
     return loss.mean() if reduction == "mean" else loss
+
+
+def supervised_contrastive_loss(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 0.07,
+    base_temperature: float = 0.07,
+) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, L^sup_out), one view per sample.
+
+    Features are L2-normalised here. For anchor i with positives P(i) = {p != i: y_p = y_i},
+    ``l_i = -(T / T_base) * mean_{p in P(i)} log softmax_{a != i}(z_i.z_a / T)[p]``; the loss
+    is the mean of l_i over all B anchors, an anchor without positives contributing 0 (as in
+    the reference implementation, which the public ContSup code copies).
+
+    Args:
+        features: (B, D) float embeddings.
+        labels: (B,) int64 classes.
+        temperature: T.
+        base_temperature: T_base (the loss is scaled by T / T_base).
+
+    Returns:
+        0-dim fp32 tensor.
+    """
+    if features.dim() != 2 or labels.shape != features.shape[:1]:
+        raise ValueError(
+            f"supervised_contrastive_loss: expected features (B, D) and labels (B,), got "
+            f"{tuple(features.shape)} and {tuple(labels.shape)}"
+        )
+    z = F.normalize(features.float(), dim=1)
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    # log-softmax over a != i; the diagonal is excluded by setting it to -inf.
+    log_prob = logits - torch.logsumexp(logits.masked_fill(self_mask, -math.inf), 1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    count = positives.sum(1)
+    mean_log_prob = (log_prob * positives).sum(1) / count.clamp_min(1)
+    return -(temperature / base_temperature) * mean_log_prob.mean()

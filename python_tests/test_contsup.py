@@ -17,18 +17,18 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bwrf_ext import quantize_model
+from bwrf_ext.losses import supervised_contrastive_loss
 from bwrf_ext.methods.contsup import ContSup, ContSupConfig
-from bwrf_ext.methods.contsup_parts import (
+from bwrf_ext.methods.contsup.modules import AuxHead
+from bwrf_ext.methods.contsup.splits import (
     INFOPRO_BALANCED_SPLITS,
     INFOPRO_BALANCED_SPLITS_STL10,
     INFOPRO_SPLITS,
     PUBLISHED_BALANCED_LOSS_WEIGHTS,
     PUBLISHED_LOSS_WEIGHTS,
-    AuxHead,
     balanced_split,
     even_split,
     published_loss_weights,
-    supervised_contrastive_loss,
 )
 from bwrf_ext.models import cifar_resnet, resnet20, resnet32
 from bwrf_ext.nn.quantizer import LSQQuantizer

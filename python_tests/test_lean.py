@@ -9,6 +9,7 @@ from torch import nn
 
 from bwrf_ext.engine import FrozenPartner, split_model
 from bwrf_ext.lean import lean_report, make_lean
+from bwrf_ext.memory import saved_activation_bytes
 from bwrf_ext.models import resnet20
 
 torchvision = pytest.importorskip("torchvision")
@@ -40,17 +41,9 @@ MODELS = {
 def saved_bytes(fn) -> tuple[object, int]:
     """Runs fn() and returns (its result, bytes of the unique non-parameter storages autograd
     saved for backward)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, nn.Parameter):
-            storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved_activation_bytes() as saved:
         result = fn()
-    return result, sum(storages.values())
+    return result, saved.total
 
 
 def _branch_inputs(partner: FrozenPartner, x: torch.Tensor) -> dict[int, torch.Tensor]:

@@ -76,6 +76,28 @@ class BlockSplit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.block_outputs(x)[-1])
 
+    def units(self) -> tuple[list[nn.Module], list[tuple[int, int]], list[str]]:
+        """The split as a finer chain of units, for methods that cut inside blocks (ContSup's
+        gradient-isolated modules): the stem, then each block's children (a block that is not
+        a non-empty ``nn.Sequential`` is one unit).
+
+        Returns:
+            (units, positions, names): position (0, 0) is the stem, (s, b) child b of block s
+            (1-based); names like "layer1.0" (the block's module names, or "blocks.<j>").
+        """
+        units: list[nn.Module] = [self.stem]
+        positions = [(0, 0)]
+        block_names = self.names[1] if self.names is not None else None
+        names = ["stem"]
+        for s, block in enumerate(self.blocks, 1):
+            label = ",".join(block_names[s - 1]) if block_names else f"blocks.{s - 1}"
+            children = list(block) if isinstance(block, nn.Sequential) and len(block) else [block]
+            for b, child in enumerate(children):
+                units.append(child)
+                positions.append((s, b))
+                names.append(f"{label}.{b}" if len(children) > 1 or child is not block else label)
+        return units, positions, names
+
     def extra_repr(self) -> str:
         if self.names is None:
             return f"num_blocks={self.num_blocks}"

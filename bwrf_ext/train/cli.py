@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bwrf_ext.data import AUGMENTS, DATASETS, GRAYSCALE_DATASETS, DataError
-from bwrf_ext.methods.contsup_parts import parse_aux_head, parse_context
+from bwrf_ext.methods.contsup.config import parse_aux_head, parse_context
 from bwrf_ext.nn.quantizer import CLIP_TESTS, DEFAULT_INIT, INIT_METHODS
 from bwrf_ext.train.checkpoint import CheckpointError
 from bwrf_ext.train.methods import METHODS
