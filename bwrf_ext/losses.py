@@ -11,6 +11,35 @@ import torch.nn.functional as F
 __all__ = ["ce_and_kd", "dkd_loss", "kd_loss", "supervised_contrastive_loss"]
 
 
+class LossTerms:
+    """A step's named loss terms, each with its weight, and their weighted sum.
+
+    What BWRF, Block-KD and ContSup report: ``values[k]`` unweighted, ``weights[k]`` its
+    coefficient, ``total == sum(weights[k] * values[k])`` summed in the order added. A term of
+    weight 0 is reported only (kept detached, out of the total), unless ``keep_zero_weights``:
+    then it stays in the graph with coefficient 0, so the parameters it reaches get a zero
+    gradient rather than none (ContSup's modules: weight decay and momentum still act on a
+    decoder whose weight the published table sets to 0).
+
+    Args:
+        keep_zero_weights: keep weight-0 terms in the total (see above).
+    """
+
+    def __init__(self, keep_zero_weights: bool = False) -> None:
+        self.keep_zero_weights = keep_zero_weights
+        self.values: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, float] = {}
+        self.total: torch.Tensor | None = None
+
+    def add(self, name: str, value: torch.Tensor, weight: float) -> None:
+        """Adds term ``name`` (0-dim) with its weight."""
+        counted = bool(weight) or self.keep_zero_weights
+        self.values[name] = value if counted else value.detach()
+        self.weights[name] = weight
+        if counted:
+            self.total = weight * value if self.total is None else self.total + weight * value
+
+
 def kd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bwrf_ext.losses import dkd_loss, kd_loss
+from bwrf_ext.losses import LossTerms, dkd_loss, kd_loss
 
 
 def _logits(batch: int = 6, classes: int = 10, seed: int = 0, scale: float = 3.0):
@@ -93,3 +93,21 @@ def test_dkd_errors_name_the_argument():
         dkd_loss(s[:, :1], t[:, :1], torch.zeros(6, dtype=torch.int64))
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'none', got 'sum'"):
         dkd_loss(s, t, y, reduction="sum")
+
+
+@pytest.mark.parametrize("keep_zero_weights", [False, True])
+def test_loss_terms_total_and_weight_zero_terms(keep_zero_weights: bool):
+    a, b, c = (torch.tensor(v, requires_grad=True) for v in (1.5, -2.0, 4.0))
+    terms = LossTerms(keep_zero_weights=keep_zero_weights)
+    terms.add("a", a * 2, 0.5)
+    terms.add("b", b * 1, 0.0)  # reported only, unless kept
+    terms.add("c", c * 3, 2.0)
+    assert terms.weights == {"a": 0.5, "b": 0.0, "c": 2.0}
+    assert terms.total.item() == 0.5 * 3.0 + 2.0 * 12.0  # exact in binary
+    assert terms.values["b"].requires_grad is keep_zero_weights
+    terms.total.backward()
+    assert a.grad.item() == 1.0 and c.grad.item() == 6.0
+    assert (b.grad is not None and b.grad.item() == 0.0) if keep_zero_weights else b.grad is None
+    with_only_zero = LossTerms()
+    with_only_zero.add("z", a * 1, 0.0)
+    assert with_only_zero.total is None and not with_only_zero.values["z"].requires_grad

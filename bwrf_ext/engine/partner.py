@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from bwrf_ext.engine.split import BlockSplit
+from bwrf_ext.engine.branches import check_separate, check_split_of
+from bwrf_ext.engine.split import BlockSplit, split_model
+from bwrf_ext.losses import LossTerms
 
 
 class FrozenPartner:
@@ -191,21 +195,100 @@ def forward_with_branches(
     return outputs, split.head(h), branch_outputs
 
 
-class PartneredModule(nn.Module):
-    """Base of the wrappers that train one split beside a FrozenPartner (BWRF, Block-KD).
+@dataclass(frozen=True)
+class PartnerRoles:
+    """How a partnered method names itself and its two models, in its errors and outputs.
 
-    Both hold the trained split and the partner outside the module tree (so neither
-    duplicates state_dict keys nor reaches the optimizer); this keeps the partner in eval mode
-    through ``.train()`` and lets ``.to()``/``.cuda()``/``.half()`` reach both. Subclasses
-    name their split's attribute in ``trained_split_attr``.
+    Attributes:
+        method: e.g. "BWRF".
+        trained, frozen: the constructor's argument names, e.g. ("lp_model", "fp_model").
+        trained_noun, frozen_noun: the models in prose, e.g. ("LP model", "FP partner").
+        hint: how to fix a trained model that shares parameters with the frozen one.
+        prefix: the trained model's loss terms' prefix, e.g. "lp" ("lp_ce").
     """
 
-    trained_split_attr: str
+    method: str
+    trained: str
+    frozen: str
+    trained_noun: str
+    frozen_noun: str
+    hint: str
+    prefix: str
+
+
+class PartneredModule(nn.Module):
+    """Base of the wrappers that train one model beside a frozen partner (BWRF, Block-KD): the
+    skeleton they share.
+
+    :meth:`_attach` checks the two models and their splits, then holds the trained model's
+    split (``trained_split``) and the :class:`FrozenPartner` (``partner``) outside the module
+    tree, so neither duplicates state_dict keys nor reaches the optimizer; ``.train()`` keeps
+    the partner in eval mode and ``.to()``/``.cuda()``/``.half()`` reach both. A subclass sets
+    ``roles`` and keeps the trained model as a registered child.
+    """
+
+    roles: PartnerRoles
+
+    def _attach(
+        self,
+        trained: nn.Module,
+        frozen: nn.Module,
+        trained_split: BlockSplit | None,
+        frozen_split: BlockSplit | None,
+        lean: bool,
+    ) -> None:
+        """Checks and holds the splits and the frozen copy of ``frozen`` (see the class)."""
+        roles = self.roles
+        check_separate(trained, frozen, roles.method, (roles.trained, roles.frozen), roles.hint)
+        trained_split = trained_split or split_model(trained)
+        frozen_split = frozen_split or split_model(frozen)
+        check_split_of(trained_split, trained, roles.method, f"{roles.trained}_split")
+        check_split_of(frozen_split, frozen, roles.method, f"{roles.frozen}_split")
+        if trained_split.num_blocks != frozen_split.num_blocks:
+            raise ValueError(
+                f"{roles.method}: the {roles.trained_noun} splits into "
+                f"{trained_split.num_blocks} blocks, the {roles.frozen_noun} into "
+                f"{frozen_split.num_blocks}; split both into the same number of blocks"
+            )
+        # Through __dict__, outside the module tree (see the class); the trained model itself
+        # is the subclass's registered child, referenced here too for the shared code.
+        self.__dict__["trained_model"] = trained
+        self.__dict__["trained_split"] = trained_split
+        self.__dict__["partner"] = FrozenPartner(frozen, frozen_split, lean=lean)
+
+    @property
+    def num_blocks(self) -> int:
+        """N, the number of blocks of both models."""
+        return self.trained_split.num_blocks
+
+    def _eval_terms(
+        self, x: torch.Tensor, y: torch.Tensor | None
+    ) -> tuple[torch.Tensor, LossTerms]:
+        """Eval mode: the trained model alone, and its cross-entropy when labels are given."""
+        logits = self.trained_model(x)
+        terms = LossTerms()
+        if y is not None:
+            terms.add(f"{self.roles.prefix}_ce", F.cross_entropy(logits.float(), y), 1.0)
+        return logits, terms
+
+    def _partner_logits_and_shapes(
+        self, x: torch.Tensor, y: torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Size]]:
+        """Train mode: the partner's logits and its block output shapes, without grad.
+
+        Runs first, while no activation of the trained model is held yet, and keeps only the
+        shapes of the partner's block outputs: its transient memory then never adds to the
+        trained model's saved activations, the step's peak.
+        """
+        if y is None:
+            raise ValueError(f"{self.roles.method}.forward: labels y are required in train mode")
+        outputs, logits = self.partner.block_outputs_and_logits(x)
+        return logits, [o.shape for o in outputs]
 
     def train(self, mode: bool = True):
         """Sets the trained model's mode; the frozen partner stays in eval mode."""
         super().train(mode)
-        getattr(self, self.trained_split_attr).train(mode)
+        self.trained_split.train(mode)
         self.partner.ensure_frozen()
         return self
 
@@ -213,5 +296,5 @@ class PartneredModule(nn.Module):
         # .to()/.cuda()/.half() reach the unregistered partner and the split's own glue modules.
         super()._apply(fn, recurse)
         self.partner._apply(fn)
-        getattr(self, self.trained_split_attr)._apply(fn, recurse)
+        self.trained_split._apply(fn, recurse)
         return self

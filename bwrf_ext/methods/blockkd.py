@@ -10,15 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bwrf_ext.engine.branches import (
-    check_separate,
-    check_split_of,
-    normalize_branch_choice,
-    resolve_branch_weights,
-)
-from bwrf_ext.engine.partner import FrozenPartner, PartneredModule, forward_with_branches
-from bwrf_ext.engine.split import BlockSplit, probing, split_model
-from bwrf_ext.losses import dkd_loss, kd_loss
+from bwrf_ext.engine.branches import normalize_branch_choice, resolve_branch_weights
+from bwrf_ext.engine.partner import PartneredModule, PartnerRoles, forward_with_branches
+from bwrf_ext.engine.split import BlockSplit, probing
+from bwrf_ext.losses import LossTerms, dkd_loss, kd_loss
 
 __all__ = [
     "BlockKD",
@@ -289,7 +284,7 @@ class BlockKD(PartneredModule):
         example_input: an input both models take, to learn the block output shapes the
             connectors map between (default: (2, 3, 32, 32) normal noise on the student's
             device, in its dtype; factory-built connectors go there too). The probe runs in
-            eval mode with the quantizers off (``blocks.probing``), so lazily initialised
+            eval mode with the quantizers off (``bwrf_ext.engine.probing``), so lazily initialised
             quantizers and BatchNorm statistics stay untouched.
 
     Raises:
@@ -298,7 +293,8 @@ class BlockKD(PartneredModule):
             block and both shapes).
     """
 
-    trained_split_attr = "student_split"
+    roles = PartnerRoles("BlockKD", "student", "teacher", "student", "teacher", "train a copy",
+                         "student")  # fmt: skip
 
     def __init__(
         self,
@@ -312,25 +308,10 @@ class BlockKD(PartneredModule):
         example_input: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        check_separate(student, teacher, "BlockKD", ("student", "teacher"), "train a copy")
         self.config = config or BlockKDConfig()
         self.student = student
-        student_split = student_split or split_model(student)
-        teacher_split = teacher_split or split_model(teacher)
-        check_split_of(student_split, student, "BlockKD", "student_split")
-        check_split_of(teacher_split, teacher, "BlockKD", "teacher_split")
-        if student_split.num_blocks != teacher_split.num_blocks:
-            raise ValueError(
-                f"BlockKD: the student splits into {student_split.num_blocks} blocks, the "
-                f"teacher into {teacher_split.num_blocks}; split both into the same number"
-            )
-        self.stone_weights = self.config.resolve(student_split.num_blocks)
-        # Through __dict__: as registered children the split would duplicate the student's
-        # state_dict keys and the teacher would reach the optimizer.
-        self.__dict__["student_split"] = student_split
-        self.__dict__["partner"] = FrozenPartner(
-            teacher, teacher_split, lean=self.config.lean_teacher
-        )
+        self._attach(student, teacher, student_split, teacher_split, self.config.lean_teacher)
+        self.stone_weights = self.config.resolve(self.num_blocks)
         if example_input is None:
             reference = next(student.parameters(), torch.empty(0))
             example_input = torch.randn(
@@ -345,9 +326,9 @@ class BlockKD(PartneredModule):
         return self.partner.model
 
     @property
-    def num_blocks(self) -> int:
-        """n, the number of blocks of both models."""
-        return self.student_split.num_blocks
+    def student_split(self) -> BlockSplit:
+        """The student's split (sharing its modules)."""
+        return self.trained_split
 
     def connector(self, i: int) -> nn.Module:
         """C_i, the connector of stone i."""
@@ -408,23 +389,14 @@ class BlockKD(PartneredModule):
             when y is given).
         """
         if not self.training:
-            logits = self.student(x)
-            if y is None:
-                return BlockKDOutput(student_logits=logits)
-            ce = F.cross_entropy(logits.float(), y)
-            return BlockKDOutput(logits, losses={"student_ce": ce},
-                                 loss_weights={"student_ce": 1.0}, loss=ce)
-        if y is None:
-            raise ValueError("BlockKD.forward: labels y are required in train mode")
+            logits, terms = self._eval_terms(x, y)
+            return BlockKDOutput(logits, losses=terms.values, loss_weights=terms.weights,
+                                 loss=terms.total)  # fmt: skip
+        teacher_logits, teacher_shapes = self._partner_logits_and_shapes(x, y)
         config = self.config
         warming_up = bool(self.steps_done < config.connector_warmup_steps)
         if torch.is_grad_enabled():
             self.steps_done += 1
-        # The teacher's full forward runs first, while no student activation is held yet, and
-        # only its block shapes are kept: its transient memory never adds to the step's peak.
-        teacher_outputs, teacher_logits = self.partner.block_outputs_and_logits(x)
-        teacher_shapes = [o.shape for o in teacher_outputs]
-        del teacher_outputs
         _, student_logits, stone_logits = forward_with_branches(
             self.student_split, x, self.partner,
             lambda outputs: self._stone_entries(
@@ -442,12 +414,10 @@ class BlockKD(PartneredModule):
                 config.ensemble_gate == "always"
                 or bool(_accuracy(ensemble, y) > _accuracy(student_logits, y))
             )
-        losses: dict[str, torch.Tensor] = {}
-        weights: dict[str, float] = {}
+        terms = LossTerms()
         scored = [("student", student_logits, 0.0 if warming_up else 1.0)]
         scored += [(f"stone{i}", stone_logits[i], config.beta * w)
                    for i, w in self.stone_weights.items()]
-        total = None
         for name, logits, weight in scored:
             targets = [("ce", None, weight), ("kd", teacher_logits, weight * config.alpha)]
             if ensemble is not None:
@@ -459,14 +429,11 @@ class BlockKD(PartneredModule):
                     value = F.cross_entropy(z.float(), y)
                 else:
                     value = config.kd_term(z, target, y)
-                losses[f"{name}_{suffix}"] = value
-                weights[f"{name}_{suffix}"] = w
-                if w:
-                    total = w * value if total is None else total + w * value
-        if total is None:
+                terms.add(f"{name}_{suffix}", value, w)
+        if terms.total is None:
             raise ValueError("BlockKD.forward: every loss term has weight 0")
-        return BlockKDOutput(student_logits, teacher_logits, stone_logits, ensemble, losses,
-                             weights, total, ensemble_active)
+        return BlockKDOutput(student_logits, teacher_logits, stone_logits, ensemble,
+                             terms.values, terms.weights, terms.total, ensemble_active)
 
     def _stone_entries(
         self, student_outputs: list[torch.Tensor], teacher_shapes: list[torch.Size]

@@ -7,19 +7,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bwrf_ext.engine.branches import (
     check_same_classes,
-    check_separate,
-    check_split_of,
     normalize_branch_choice,
     resolve_branch_weights,
 )
-from bwrf_ext.engine.partner import FrozenPartner, PartneredModule, forward_with_branches
-from bwrf_ext.engine.split import BlockSplit, split_model
-from bwrf_ext.losses import ce_and_kd
+from bwrf_ext.engine.partner import PartneredModule, PartnerRoles, forward_with_branches
+from bwrf_ext.engine.split import BlockSplit
+from bwrf_ext.losses import LossTerms, ce_and_kd
 
 __all__ = ["BWRF", "BWRFConfig", "BWRFOutput"]
 
@@ -141,7 +138,10 @@ class BWRF(PartneredModule):
             module names) for models without an automatic one.
     """
 
-    trained_split_attr = "lp_split"
+    roles = PartnerRoles(
+        "BWRF", "lp_model", "fp_model", "LP model", "FP partner",
+        "quantize a copy (quantize_model(fp_model, ..., inplace=False))", "lp",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -153,27 +153,12 @@ class BWRF(PartneredModule):
         fp_split: BlockSplit | None = None,
     ) -> None:
         super().__init__()
-        check_separate(
-            lp_model, fp_model, "BWRF", ("lp_model", "fp_model"),
-            "quantize a copy (quantize_model(fp_model, ..., inplace=False))",
-        )  # fmt: skip
         self.config = config or BWRFConfig()
         self.lp_model = lp_model
-        lp_split = lp_split or split_model(lp_model)
-        fp_split = fp_split or split_model(fp_model)
-        check_split_of(lp_split, lp_model, "BWRF", "lp_split")
-        check_split_of(fp_split, fp_model, "BWRF", "fp_split")
-        if lp_split.num_blocks != fp_split.num_blocks:
-            raise ValueError(
-                f"BWRF: the LP model splits into {lp_split.num_blocks} blocks, the FP partner "
-                f"into {fp_split.num_blocks}; they must split the same way"
-            )
-        check_same_classes(lp_split, fp_split, "BWRF", ("the LP model", "the FP partner"))
-        self.branch_weights = self.config.resolve(lp_split.num_blocks)
-        # Through __dict__: as registered children the split would duplicate the LP model's
-        # state_dict keys and the partner would reach the optimizer.
-        self.__dict__["lp_split"] = lp_split
-        self.__dict__["partner"] = FrozenPartner(fp_model, fp_split, lean=self.config.lean_partner)
+        self._attach(lp_model, fp_model, lp_split, fp_split, self.config.lean_partner)
+        check_same_classes(self.lp_split, self.partner.split, "BWRF",
+                           ("the LP model", "the FP partner"))  # fmt: skip
+        self.branch_weights = self.config.resolve(self.num_blocks)
 
     @property
     def fp_model(self) -> nn.Module:
@@ -181,9 +166,9 @@ class BWRF(PartneredModule):
         return self.partner.model
 
     @property
-    def num_blocks(self) -> int:
-        """N, the number of blocks of both models."""
-        return self.lp_split.num_blocks
+    def lp_split(self) -> BlockSplit:
+        """The LP model's split (sharing its modules)."""
+        return self.trained_split
 
     def lp_parameters(self) -> Iterator[nn.Parameter]:
         """The LP model's parameters (the same as ``parameters()``), for the optimizer."""
@@ -200,20 +185,11 @@ class BWRF(PartneredModule):
             A BWRFOutput; in eval mode only ``lp_logits`` (and "lp_ce"/``loss`` when y is given).
         """
         if not self.training:
-            logits = self.lp_model(x)
-            if y is None:
-                return BWRFOutput(lp_logits=logits)
-            ce = F.cross_entropy(logits.float(), y)
-            return BWRFOutput(logits, losses={"lp_ce": ce}, loss_weights={"lp_ce": 1.0}, loss=ce)
-        if y is None:
-            raise ValueError("BWRF.forward: labels y are required in train mode")
+            logits, terms = self._eval_terms(x, y)
+            return BWRFOutput(logits, losses=terms.values, loss_weights=terms.weights,
+                              loss=terms.total)  # fmt: skip
         config = self.config
-        # The FP forward runs first, while no LP activation is held yet, and only the shapes of
-        # its block outputs are kept: its transient memory then never adds to the LP forward's
-        # saved activations, the step's peak.
-        fp_outputs, fp_logits = self.partner.block_outputs_and_logits(x)
-        fp_shapes = [o.shape for o in fp_outputs]
-        del fp_outputs
+        fp_logits, fp_shapes = self._partner_logits_and_shapes(x, y)
         def branch_entries(outputs: list[torch.Tensor]) -> dict[int, torch.Tensor]:
             entries = {}
             for i in self.branch_weights:
@@ -232,26 +208,21 @@ class BWRF(PartneredModule):
             max(self.branch_weights, default=0), config.batched,
         )  # fmt: skip
 
-        losses: dict[str, torch.Tensor] = {}
-        weights: dict[str, float] = {}
+        terms = LossTerms()
         scored = [("lp", lp_logits, 1.0 if config.lp_loss else 0.0)]
         scored += [(f"mp{i}", mp_logits[i], w) for i, w in self.branch_weights.items()]
-        total = None
         for name, logits, weight in scored:
             if weight == 0.0:
                 logits = logits.detach()  # reported only: keep it out of the graph
             ce, kd = ce_and_kd(logits, y, fp_logits, config.temperature)
-            terms = ((f"{name}_ce", ce, weight), (f"{name}_kd", kd, weight * config.alpha))
-            for term, value, w in terms:
-                losses[term] = value if w else value.detach()
-                weights[term] = w
-                if w:
-                    total = w * value if total is None else total + w * value
-        if total is None:
+            terms.add(f"{name}_ce", ce, weight)
+            terms.add(f"{name}_kd", kd, weight * config.alpha)
+        if terms.total is None:
             raise ValueError(
                 "BWRF.forward: every loss term has weight 0 (lp_loss=False and no branches)"
             )
-        return BWRFOutput(lp_logits, fp_logits, mp_logits, losses, weights, total)
+        return BWRFOutput(lp_logits, fp_logits, mp_logits, terms.values, terms.weights,
+                          terms.total)  # fmt: skip
 
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bwrf_ext.engine import BlockSplit, probing, split_model
-from bwrf_ext.losses import supervised_contrastive_loss
+from bwrf_ext.losses import LossTerms, supervised_contrastive_loss
 from bwrf_ext.methods.contsup.config import ContSupConfig, parse_context
 from bwrf_ext.methods.contsup.cost import ContSupCost, probe_units
 from bwrf_ext.methods.contsup.modules import AuxHead, ContextProjector, ReconstructionDecoder
@@ -258,12 +258,13 @@ class ContSup(nn.Module):
                 ce = F.cross_entropy(logits.float(), y)
                 ce.backward()
                 out.logits = logits.detach()
-                self._record(out, {"final_ce": (ce, 1.0)})
+                final = LossTerms(keep_zero_weights=True)
+                final.add("final_ce", ce, 1.0)
+                self._record(out, final)
                 break
             terms, local = self._local_terms(m, h, x, y)
             del h  # see _walk
-            total = sum(w * value for value, w in terms.values())
-            total.backward()
+            terms.total.backward()
             out.local_outputs[m] = local.detach()
             self._record(out, terms)
         if optimizer is not None:
@@ -272,35 +273,31 @@ class ContSup(nn.Module):
         return out
 
     @staticmethod
-    def _record(out: ContSupOutput, terms: dict[str, tuple[torch.Tensor, float]]) -> None:
-        total = None
-        for name, (value, weight) in terms.items():
-            value = value.detach()
-            out.losses[name] = value
-            out.loss_weights[name] = weight
-            total = weight * value if total is None else total + weight * value
-        out.module_losses.append(total)
+    def _record(out: ContSupOutput, terms: LossTerms) -> None:
+        out.losses.update({name: value.detach() for name, value in terms.values.items()})
+        out.loss_weights.update(terms.weights)
+        out.module_losses.append(terms.total.detach())
 
     def _local_terms(
         self, m: int, h: torch.Tensor, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[dict[str, tuple[torch.Tensor, float]], torch.Tensor]:
-        """Module m's loss terms {name: (value, weight)} and its head output."""
+    ) -> tuple[LossTerms, torch.Tensor]:
+        """Module m's loss terms and its head output."""
         config = self.config
         local_weight, recon_weight = config.module_weights(m)
         local = self.heads[m - 1](h)
+        terms = LossTerms(keep_zero_weights=True)
         if config.local_loss == "ce":
-            terms = {f"module{m}_ce": (F.cross_entropy(local.float(), y), local_weight)}
+            terms.add(f"module{m}_ce", F.cross_entropy(local.float(), y), local_weight)
         else:
             value = supervised_contrastive_loss(
                 local, y, config.supcon_temperature, config.supcon_base_temperature
             )
-            terms = {f"module{m}_supcon": (value, local_weight)}
+            terms.add(f"module{m}_supcon", value, local_weight)
         if config.reconstruction:
             recon = self.decoders[m - 1](h, x.shape[-2:])
-            terms[f"module{m}_recon"] = (
-                F.binary_cross_entropy_with_logits(recon.float(), self._image_target(x)),
-                recon_weight,
-            )
+            target = self._image_target(x)
+            terms.add(f"module{m}_recon", F.binary_cross_entropy_with_logits(recon.float(), target),
+                      recon_weight)  # fmt: skip
         return terms, local
 
     def _image_target(self, x: torch.Tensor) -> torch.Tensor:
