@@ -12,6 +12,7 @@ import gzip
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,22 @@ class InMemoryImages(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> InMemoryImages:
+        """The images at ``indices``, in that order, normalised and augmented as this set is.
+
+        Args:
+            indices: (M,) positions into this set.
+        """
+        index = torch.as_tensor(indices, dtype=torch.long)
+        # self.mean/std hold the constructor's values repeated per channel: passed back, they
+        # repeat once (the same float32 values).
+        subset = InMemoryImages(
+            self.images[index], self.labels[index], tuple(self.mean.flatten().tolist()),
+            tuple(self.std.flatten().tolist()), self.augment, self.seed, self.rgb,
+        )  # fmt: skip
+        subset.set_epoch(self.epoch)
+        return subset
 
     def __len__(self) -> int:
         return len(self.labels)

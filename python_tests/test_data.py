@@ -55,6 +55,26 @@ def test_augmentation_is_seeded_per_sample_and_epoch():
     assert aug.shape == (3, 16, 16) and aug.min() >= 0
 
 
+def test_subset_is_those_images_in_that_order_normalised_alike():
+    """subset() keeps the normalisation (per channel, repeated for an RGB model) and the
+    augmentation settings; without augmentation item j is the parent's item indices[j]."""
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    ds = InMemoryImages(images, labels, (0.3,), (0.2,), rgb=True)
+    picked = [4, 1, 5]
+    subset = ds.subset(picked)
+    assert len(subset) == 3 and torch.equal(subset.labels, labels[picked])
+    for j, i in enumerate(picked):
+        x, y = subset[j]
+        assert x.shape == (3, 8, 8) and y == int(labels[i])
+        assert torch.equal(x, ds[i][0])
+    augmented = InMemoryImages(images, labels, (0.3,), (0.2,), augment="flip", seed=5)
+    augmented.set_epoch(3)
+    kept = augmented.subset(torch.tensor([2, 0]))
+    assert (kept.augment, kept.seed, kept.epoch) == ("flip", 5, 3)
+    assert torch.equal(kept.images, images[[2, 0]])
+
+
 def test_read_idx_round_trip(tmp_path):
     array = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
