@@ -4,6 +4,7 @@ Every data set is read from the standard on-disk format (or fetched with ``downl
 torchvision can); small ones are held in memory as uint8 and augmented per sample with a
 generator seeded by (seed, epoch, index), so a run's data stream does not depend on the number
 of processes, the loader's workers or where a resumed run restarts.
+(About 500 lines: one reader per on-disk format, and the in-memory set they all produce.)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import gzip
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +119,22 @@ class InMemoryImages(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def subset(self, indices: torch.Tensor | Sequence[int]) -> InMemoryImages:
+        """The images at ``indices``, in that order, normalised and augmented as this set is.
+
+        Args:
+            indices: (M,) positions into this set.
+        """
+        index = torch.as_tensor(indices, dtype=torch.long)
+        # self.mean/std hold the constructor's values repeated per channel: passed back, they
+        # repeat once (the same float32 values).
+        subset = InMemoryImages(
+            self.images[index], self.labels[index], tuple(self.mean.flatten().tolist()),
+            tuple(self.std.flatten().tolist()), self.augment, self.seed, self.rgb,
+        )  # fmt: skip
+        subset.set_epoch(self.epoch)
+        return subset
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from bwrf_ext.data import InMemoryImages, _cifar10_jpeg, _read_idx, load_image_data
+from bwrf_ext.engine import split_model
 from bwrf_ext.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, default_shared_dir
-from bwrf_ext.models.registry import ImageShape, build_model, model_names, split_named_model
+from bwrf_ext.models.registry import ImageShape, build_model, model_names
 
 JPEG_NPZ = default_shared_dir() / "data" / "cifar10_jpeg_q75" / "cifar10_jpeg_q75.npz"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -55,6 +56,26 @@ def test_augmentation_is_seeded_per_sample_and_epoch():
     assert aug.shape == (3, 16, 16) and aug.min() >= 0
 
 
+def test_subset_is_those_images_in_that_order_normalised_alike():
+    """subset() keeps the normalisation (per channel, repeated for an RGB model) and the
+    augmentation settings; without augmentation item j is the parent's item indices[j]."""
+    images = torch.randint(0, 256, (6, 1, 8, 8), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    ds = InMemoryImages(images, labels, (0.3,), (0.2,), rgb=True)
+    picked = [4, 1, 5]
+    subset = ds.subset(picked)
+    assert len(subset) == 3 and torch.equal(subset.labels, labels[picked])
+    for j, i in enumerate(picked):
+        x, y = subset[j]
+        assert x.shape == (3, 8, 8) and y == int(labels[i])
+        assert torch.equal(x, ds[i][0])
+    augmented = InMemoryImages(images, labels, (0.3,), (0.2,), augment="flip", seed=5)
+    augmented.set_epoch(3)
+    kept = augmented.subset(torch.tensor([2, 0]))
+    assert (kept.augment, kept.seed, kept.epoch) == ("flip", 5, 3)
+    assert torch.equal(kept.images, images[[2, 0]])
+
+
 def test_read_idx_round_trip(tmp_path):
     array = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     header = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
@@ -93,12 +114,12 @@ def test_registry_builds_every_own_model_for_gray_and_rgb():
             model = build_model(name, ImageShape(channels, 16, 16, 7)).eval()
             x = torch.randn(2, channels, 16, 16)
             assert model(x).shape == (2, 7)
-            split = split_named_model(name, model, x) if name != "mlp" else None
+            split = split_model(model, example_input=x) if name != "mlp" else None
             if split is not None:
                 with torch.no_grad():
                     torch.testing.assert_close(split(x), model(x))
     assert "resnet18" in model_names() and "mobilenet_v2" in model_names()
-    with pytest.raises(ValueError, match="unknown model 'nope'"):
+    with pytest.raises(ValueError, match="model 'nope' is unknown"):
         build_model("nope", ImageShape(3, 32, 32, 10))
 
 

@@ -253,21 +253,25 @@ def _names_of(split: BlockSplit, label: str) -> list[str] | str:
 
 
 SplitRule = Callable[[nn.Module], "BlockSplit"]
-# Model family (a class, or its qualified name "package.module.Class") -> (rule, description).
-_REGISTRY: dict[type | str, tuple[SplitRule, str]] = {}
+Family = type | str | Callable[[type], bool]
+# Model family (a class, its qualified name "package.module.Class", or a predicate on the
+# model's class) -> (rule, description).
+_REGISTRY: dict[Family, tuple[SplitRule, str]] = {}
 
 
 def register_split(
-    family: type | str, rule: SplitRule | Mapping[str, Sequence], description: str
+    family: Family, rule: SplitRule | Mapping[str, Sequence], description: str
 ) -> None:
     """Registers how a model family splits: ``split_model(model)`` then uses ``rule`` for every
-    model whose class is ``family`` or derives from it (the most derived registration wins).
+    model whose class is ``family`` or derives from it (the most derived registration wins), or,
+    for a predicate, whose class it accepts (tried after every class and name).
 
     Call it where the family is defined (the engine imports no model).
 
     Args:
-        family: the model class, or its qualified name ("torchvision.models.resnet.ResNet"), so
-            that registering an optional library's model does not import the library.
+        family: the model class; or its qualified name ("torchvision.models.resnet.ResNet"), or
+            a predicate on the class (``lambda cls: cls.__module__.startswith("timm.")``), so
+            that registering an optional library's models does not import the library.
         rule: model -> BlockSplit sharing its modules, or the module names of a named split
             ({"blocks": [...], "stem": [...], "head": [...]}, see :func:`split_model`); either
             must also split the model's ``quantize_model`` copy (same module names).
@@ -291,6 +295,9 @@ def _automatic_split(model: nn.Module) -> BlockSplit:
         for key in (cls, f"{cls.__module__}.{cls.__qualname__}"):
             if key in _REGISTRY:
                 return _REGISTRY[key][0](model)
+    for family, (rule, _) in _REGISTRY.items():
+        if not isinstance(family, type | str) and family(type(model)):
+            return rule(model)
     raise TypeError(
         f"split_model: no automatic split for {type(model).__name__} (registered: "
         f"{'; '.join(registered_splits())}); pass module names, e.g. "
@@ -303,6 +310,7 @@ def _named_split(
     blocks: Sequence[Sequence[str] | str],
     stem: Sequence[str],
     head: Sequence[str],
+    flatten_before_linear: bool = True,
 ) -> BlockSplit:
     def listed(group: Sequence[str] | str) -> list[str]:
         return [group] if isinstance(group, str) else list(group)
@@ -353,8 +361,9 @@ def _named_split(
         raise ValueError(
             f"split_model: modules with parameters or buffers are in no part: {missing}"
         )
-    # torch.flatten(x, 1) before the classifier is the one functional op a chain may hold.
-    for k, module in enumerate(head_modules):
+    # torch.flatten(x, 1) before the classifier is the one functional op a chain may hold
+    # (a rule whose head modules flatten themselves, as timm's do, turns this off).
+    for k, module in enumerate(head_modules if flatten_before_linear else ()):
         if any(isinstance(m, nn.Linear) for m in module.modules()):
             if not (k > 0 and isinstance(head_modules[k - 1], nn.Flatten)):
                 head_modules.insert(k, nn.Flatten(1))

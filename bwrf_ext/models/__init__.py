@@ -1,6 +1,6 @@
 """Model definitions and pretrained loaders."""
 
-from bwrf_ext.models import torchvision_splits  # noqa: F401 - registers torchvision's splits
+from bwrf_ext.models import timm_splits, torchvision_splits  # noqa: F401 - register their splits
 from bwrf_ext.models.cifar_resnet import (
     CifarResNet,
     cifar_resnet,

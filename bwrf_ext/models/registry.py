@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from bwrf_ext.engine import BlockSplit, split_model
 from bwrf_ext.models import kd_zoo
 from bwrf_ext.models.cifar_resnet import cifar_resnet
 from bwrf_ext.models.small import MLP, SmallCNN, cifar_resnet18
@@ -65,6 +63,9 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
+TIMM_PREFIX = "timm:"  # --model timm:<name>: a timm model (timm is an optional dependency)
+
+
 def _torchvision_names() -> list[str]:
     try:
         import torchvision.models as tvm
@@ -74,42 +75,56 @@ def _torchvision_names() -> list[str]:
 
 
 def model_names() -> list[str]:
-    """Every name :func:`build_model` accepts: ours, then torchvision's classification models."""
+    """The names :func:`build_model` accepts besides ``timm:<name>``: ours, then torchvision's
+    classification models."""
     ours = list(MODELS)
     return ours + [n for n in _torchvision_names() if n not in MODELS]
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why :func:`build_model` would refuse ``name`` (a phrase after the name), or None."""
+    if name.startswith(TIMM_PREFIX):
+        try:
+            import timm
+        except ImportError:
+            return "needs timm, an optional dependency: pip install timm"
+        if name[len(TIMM_PREFIX):] not in timm.list_models():
+            return "is not a timm model name (see timm.list_models())"
+        return None
+    if name in model_names():
+        return None
+    return (f"is unknown; ours: {', '.join(MODELS)}; or a torchvision classification model name "
+            "(e.g. resnet18, mobilenet_v2), or timm:<name>")  # fmt: skip
 
 
 def build_model(name: str, shape: ImageShape) -> nn.Module:
     """A freshly initialised model for images of ``shape``.
 
     Torchvision models are built with ``weights=None`` and ``num_classes``; they take 3-channel
-    input (the data pipeline repeats grayscale channels for them, see ``needs_rgb``).
+    input (the data pipeline repeats grayscale channels for them, see ``needs_rgb``). timm
+    models (``timm:<name>``) are built with ``pretrained=False``, ``num_classes`` and
+    ``in_chans``; their splits come from their ``feature_info``.
 
     Raises:
-        ValueError: an unknown name, listing the known ones.
+        ValueError: a name :func:`model_name_problem` refuses, saying why.
     """
+    problem = model_name_problem(name)
+    if problem is not None:
+        raise ValueError(f"model {name!r} {problem}")
     if name in MODELS:
         return MODELS[name].build(shape)
-    if name in _torchvision_names():
-        import torchvision.models as tvm
+    if name.startswith(TIMM_PREFIX):
+        import timm
 
-        return tvm.get_model(name, weights=None, num_classes=shape.num_classes)
-    raise ValueError(
-        f"unknown model {name!r}; ours: {', '.join(MODELS)}; or a torchvision classification "
-        "model name (e.g. resnet18, mobilenet_v2)"
-    )
+        return timm.create_model(
+            name[len(TIMM_PREFIX):], pretrained=False, num_classes=shape.num_classes,
+            in_chans=shape.channels,
+        )  # fmt: skip
+    import torchvision.models as tvm
+
+    return tvm.get_model(name, weights=None, num_classes=shape.num_classes)
 
 
 def needs_rgb(name: str) -> bool:
     """True for models whose stems take 3 channels whatever the data has (torchvision's)."""
-    return name not in MODELS
-
-
-def split_named_model(name: str, model: nn.Module, example_input: torch.Tensor) -> BlockSplit:
-    """The block split of a model built by :func:`build_model` (or its quantized copy),
-    checked on ``example_input``.
-
-    Raises:
-        TypeError: no split is registered for the model's family.
-    """
-    return split_model(model, example_input=example_input)
+    return name not in MODELS and not name.startswith(TIMM_PREFIX)

@@ -1,4 +1,8 @@
-"""LSQ quantizer module: learnable step size, lazy LSQ init, signedness and switches."""
+"""LSQ quantizer module: learnable step size, lazy LSQ init, signedness and switches.
+
+Over 400 lines because the step-size inits (mse, lsq, absmax) live beside the quantizer whose
+first forward runs them and whose buffers record what they chose.
+"""
 
 from __future__ import annotations
 
