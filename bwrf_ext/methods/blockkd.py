@@ -458,7 +458,8 @@ class BlockKD(PartneredModule):
         For tracking the stones during training; call ``.eval()`` first for test accuracy.
 
         Returns:
-            "student", "teacher", "stone{i}": (B, C) each.
+            "model": the student (first, as every method's evaluate), "teacher", "stone{i}":
+            (B, C) each.
         """
         teacher_outputs, teacher_logits = self.partner.block_outputs_and_logits(x)
         shapes = [o.shape for o in teacher_outputs]
@@ -467,7 +468,7 @@ class BlockKD(PartneredModule):
             self.student_split, x, self.partner, lambda h: self._stone_entries(h, shapes),
             max(self.stone_weights, default=0), self.config.batched,
         )  # fmt: skip
-        logits = {"student": student_logits, "teacher": teacher_logits}
+        logits = {"model": student_logits, "teacher": teacher_logits}
         logits.update({f"stone{i}": stone_logits[i] for i in sorted(stone_logits)})
         return logits
 

@@ -236,7 +236,8 @@ class BWRF(PartneredModule):
             x: a batch, e.g. (B, 3, H, W).
 
         Returns:
-            "lp": the LP model, "fp": the FP partner, "mp{i}": each branch M^i; (B, C) each.
+            "model": the LP model (first, as every method's evaluate), "fp": the FP partner,
+            "mp{i}": each branch M^i; (B, C) each.
         """
         fp_logits = self.partner.block_outputs_and_logits(x)[1]
         _, lp_logits, branches = forward_with_branches(
@@ -244,6 +245,6 @@ class BWRF(PartneredModule):
             lambda outputs: {i: outputs[i - 1] for i in self.branch_weights},
             max(self.branch_weights, default=0), self.config.batched,
         )  # fmt: skip
-        logits = {"lp": lp_logits, "fp": fp_logits}
+        logits = {"model": lp_logits, "fp": fp_logits}
         logits.update({f"mp{i}": branches[i] for i in sorted(branches)})
         return logits

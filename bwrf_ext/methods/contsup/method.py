@@ -218,6 +218,12 @@ class ContSup(nn.Module):
                 return self.split.head(h)
             del h  # see _walk
 
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"model": logits} of :meth:`forward` without grad, as every method's evaluate (BWRF
+        and Block-KD add their branches); call ``.eval()`` first for test accuracy."""
+        return {"model": self(x)}
+
     def train_step(
         self,
         x: torch.Tensor,

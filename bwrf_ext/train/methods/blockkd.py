@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-import torch
-
 import bwrf_ext
 from bwrf_ext.train.errors import UsageError
 from bwrf_ext.train.methods import branches
@@ -65,12 +63,9 @@ def build(parts: Parts) -> Method:
         example_input=parts.example,
     )  # fmt: skip
 
-    def evaluate(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = wrapper.evaluate(x)
-        logits["model"] = logits.pop("student")
-        return logits
-
-    return Method("blockkd", parts.net, wrapper, wrapper_loss, evaluate, partner=parts.teacher)
+    return Method(
+        "blockkd", parts.net, wrapper, wrapper_loss, wrapper.evaluate, partner=parts.teacher
+    )
 
 
 SPEC = MethodSpec(

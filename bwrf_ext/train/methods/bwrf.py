@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 import bwrf_ext
 from bwrf_ext.train.errors import UsageError
 from bwrf_ext.train.methods import branches
@@ -32,12 +30,7 @@ def build(parts: Parts) -> Method:
     fp_split = parts.split(parts.config.model, parts.model)
     wrapper = bwrf_ext.BWRF(parts.net, parts.model, config, lp_split=lp_split, fp_split=fp_split)
 
-    def evaluate(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = wrapper.evaluate(x)
-        logits["model"] = logits.pop("lp")
-        return logits
-
-    return Method("bwrf", parts.net, wrapper, wrapper_loss, evaluate, partner=parts.model)
+    return Method("bwrf", parts.net, wrapper, wrapper_loss, wrapper.evaluate, partner=parts.model)
 
 
 SPEC = MethodSpec("bwrf", build, options=(branches.OPTIONS,), check=_check, quantized=True)

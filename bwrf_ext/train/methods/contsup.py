@@ -82,12 +82,9 @@ def build(parts: Parts) -> Method:
         out = wrapper.train_step(x, y)  # backward only: the loop owns the optimizer
         return {"loss": out.loss.item(), **{k: float(v) for k, v in out.losses.items()}}
 
-    @torch.no_grad()
-    def evaluate(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"model": wrapper(x)}  # the main net with its context projectors
-
     # The model is the wrapper: its context projectors are part of the network at inference.
-    return Method("contsup", wrapper, wrapper, cross_entropy, evaluate, local_step=local_step)
+    return Method("contsup", wrapper, wrapper, cross_entropy, wrapper.evaluate,
+                  local_step=local_step)  # fmt: skip
 
 
 def _out_tag(config: RunConfig) -> str:
