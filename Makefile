@@ -39,7 +39,7 @@ demo: install
 	$(PY) -m bwrf_ext.demo
 
 bench: install
-	$(PY) benchmarks/lsq_ratios.py
+	$(PY) -m benchmarks.perf.lsq_ratios
 
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check bwrf_ext python_tests benchmarks setup.py

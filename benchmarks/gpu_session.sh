@@ -68,10 +68,10 @@ validate | smoke)
         where=()
         [ "$stage" = smoke ] && where=(--out "$OUT/tables/$script")
         # ${a[@]+"${a[@]}"}: an empty array under set -u, on any bash
-        "$PY" "benchmarks/$script.py" --device "$device" ${quick[@]+"${quick[@]}"} \
+        "$PY" -m "benchmarks.perf.$script" --device "$device" ${quick[@]+"${quick[@]}"} \
             ${where[@]+"${where[@]}"} || fail "$script"
     done
-    if [ "$stage" = smoke ]; then pack smoke "$OUT/tables"; else pack validate benchmarks/results/*cuda*; fi
+    if [ "$stage" = smoke ]; then pack smoke "$OUT/tables"; else pack validate benchmarks/results/perf/*cuda*; fi
     ;;
 train)
     build
@@ -81,19 +81,19 @@ train)
     echo "training for at most $seconds s"
     # ResNet-18 (FP from scratch, then QAT) and ResNet-20 (10 QAT epochs) side by side on the GPU:
     # small nets leave it mostly idle, so parallel processes cost little each.
-    timeout "$seconds" "$PY" benchmarks/results_runs.py --suite cifar10-resnet18 --parallel 6 \
+    timeout "$seconds" "$PY" -m benchmarks.accuracy.results_runs --suite cifar10-resnet18 --parallel 6 \
         --device cuda --workers 2 &
     resnet18=$!
-    timeout "$seconds" "$PY" benchmarks/results_runs.py --suite cifar10-long --parallel 6 \
+    timeout "$seconds" "$PY" -m benchmarks.accuracy.results_runs --suite cifar10-long --parallel 6 \
         --device cuda --workers 2 &
     resnet20=$!
     wait $resnet18 || fail "cifar10-resnet18 (124: stopped at the deadline)"
     wait $resnet20 || fail "cifar10-long (124: stopped at the deadline)"
     # Whatever finished (records of unfinished runs stay out of the tables).
-    "$PY" benchmarks/results_runs.py --suite cifar10-resnet18 cifar10-long --table-only ||
+    "$PY" -m benchmarks.accuracy.results_runs --suite cifar10-resnet18 cifar10-long --table-only ||
         fail tables
-    pack train benchmarks/results/runs/cifar10-resnet18 benchmarks/results/runs/cifar10-long \
-        benchmarks/results/results_*cifar10-resnet18* benchmarks/results/results_*cifar10-long*
+    pack train benchmarks/results/accuracy/runs/cifar10-resnet18 benchmarks/results/accuracy/runs/cifar10-long \
+        benchmarks/results/accuracy/results_*cifar10-resnet18* benchmarks/results/accuracy/results_*cifar10-long*
     ;;
 *)
     echo "unknown stage $stage: validate, train or smoke" >&2

@@ -18,6 +18,8 @@ import bwrf_ext
 from bwrf_ext._backend import describe_device
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PERF_RESULTS = RESULTS_DIR / "perf"  # speed and memory ratio tables (benchmarks/perf)
+ACCURACY_RESULTS = RESULTS_DIR / "accuracy"  # training results, records (benchmarks/accuracy)
 BUSY_SHARE = 0.05  # other processes' CPU share above which a table flags its timings
 
 
@@ -54,7 +56,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--quick", action="store_true", help="short timings (a smoke run)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output path without extension; default "
-                        f"benchmarks/results/{name}_<device>[-quick]")
+                        f"benchmarks/results/perf/{name}_<device>[-quick]")
 
 
 @dataclasses.dataclass
@@ -102,7 +104,7 @@ class Run:
         """Prints the table and writes it (.md) and the record with the metadata (.json)."""
         print(table)
         quick = "-quick" if self.args.quick else ""
-        stem = self.args.out or RESULTS_DIR / f"{self.name}_{self.meta['device']}{quick}"
+        stem = self.args.out or PERF_RESULTS / f"{self.name}_{self.meta['device']}{quick}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(
             json.dumps({"meta": self.meta, **record}, indent=2) + "\n"

@@ -1,6 +1,6 @@
 """The library's default low-bit training against an independent LSQ written from the paper.
 
-The oracle (``benchmarks/lsq_fidelity.py``, also the independent loop of the fidelity
+The oracle (``benchmarks/accuracy/lsq_fidelity.py``, also the independent loop of the fidelity
 benchmark) imports none of bwrf_ext's quantizers: it is the LSQ of Esser et al. (2020) as the
 paper writes it (clip v/s to [-Qn, Qp], straight-through round, step-size gradient scaled by
 1/sqrt(N * Qp), step initialised as 2 * mean|v| / sqrt(Qp) on the first training batch), in
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bwrf_ext
-from benchmarks.lsq_fidelity import paper_quantize
+from benchmarks.accuracy.lsq_fidelity import paper_quantize
 
 
 # ------------------------------------------------------------------ the network and data

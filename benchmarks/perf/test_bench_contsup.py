@@ -1,6 +1,6 @@
 """pytest-benchmark timings of one ResNet-32 ContSup step (E2E, K=16 R0, K=8 E), and its memory.
 
-The step lives in benchmarks/contsup_memory.py (its docstring says what is measured), the
+The step lives in benchmarks/perf/contsup_memory.py (its docstring says what is measured), the
 live-saved-bytes tracker in bwrf_ext/memory.py; K=16 R0 is "ours" in the ratio line of
 benchmarks/conftest.py. Each test also checks that the step trained every part and, against
 E2E, the memory target, so a broken step fails in quick mode (``--benchmark-disable``) too.
@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.contsup_memory import TARGET, batch_of, make_contsup
+from benchmarks.perf.contsup_memory import TARGET, batch_of, make_contsup
 from benchmarks.report import synchronized
 from bwrf_ext import build_info
 from bwrf_ext.memory import saved_activation_bytes

@@ -1,7 +1,7 @@
 """pytest-benchmark timings of bwrf_ext.lsq_fake_quant against its alternatives, one group per case.
 
-Implementations, cases and the timed step live in benchmarks/lsq_ratios.py (whose docstring says
-what each one is); this file times them with pytest-benchmark and checks every result against
+Implementations, cases and the timed step live in benchmarks/perf/lsq_ratios.py (whose docstring
+says what each one is); this file times them with pytest-benchmark and checks every result against
 bwrf_ext.reference, so a broken op fails even in quick mode (``--benchmark-disable``).
 """
 
@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 
-from benchmarks.lsq_ratios import (
+from benchmarks.perf.lsq_ratios import (
     CASES,
     IMPLS,
     MODES,

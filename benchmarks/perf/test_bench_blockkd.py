@@ -1,6 +1,6 @@
 """pytest-benchmark timings of one ResNet-56 -> ResNet-20 distillation step: KD vs Block-KD.
 
-Variants and the step live in benchmarks/blockkd_ratios.py (its docstring says what each one
+Variants and the step live in benchmarks/perf/blockkd_ratios.py (its docstring says what each one
 is); Block-KD with its defaults is "ours" in the ratio line of benchmarks/conftest.py. Each test
 also checks that the step trained the student and left the teacher bitwise unchanged, so a
 broken step fails in quick mode (``--benchmark-disable``, batch 16 there) too.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.blockkd_ratios import BATCH, VARIANTS, make_step
+from benchmarks.perf.blockkd_ratios import BATCH, VARIANTS, make_step
 from benchmarks.report import synchronized
 from bwrf_ext import build_info
 

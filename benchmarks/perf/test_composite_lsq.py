@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bwrf_ext
-from benchmarks.composite_lsq import CompositeLSQQuantizer, use_composite
+from benchmarks.perf.composite_lsq import CompositeLSQQuantizer, use_composite
 from bwrf_ext.models import resnet20
 from bwrf_ext.nn import LSQQuantizer
 

@@ -1,6 +1,6 @@
 """Times one ResNet-56 -> ResNet-20 distillation step: plain KD vs Block-KD; prints the ratios.
 
-Usage: ``python benchmarks/blockkd_ratios.py [--device cpu|cuda] [--quick] [--out STEM]``.
+Usage: ``python -m benchmarks.perf.blockkd_ratios [--device cpu|cuda] [--quick] [--out STEM]``.
 
 One step = zero_grad, forward, loss, backward, SGD (momentum 0.9) step, batch 128 of random
 3x32x32 inputs. Every variant starts from the same ResNet-56 teacher (random weights: the cost
@@ -18,7 +18,7 @@ Time: interleaved rounds of ``torch.utils.benchmark.Timer.blocked_autorange``, m
 saved tensors (bytes of the unique non-parameter storages autograd saves in one forward,
 ``torch.autograd.graph.saved_tensors_hooks``) and the peak RSS of a fresh subprocess per variant
 over 3 steps, reset after setup, with its growth over the RSS after setup (CPU only); see
-benchmarks/bwrf_step_ratios.py, whose measuring functions this script shares.
+benchmarks/perf/bwrf_step_ratios.py, whose measuring functions this script shares.
 
 What to expect: a stone runs the teacher's later blocks forward and backward (input gradients
 only), so Block-KD costs about one extra teacher forward+backward per step over plain KD; the
@@ -34,15 +34,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: `benchmarks` (and an uninstalled bwrf_ext)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from benchmarks.bwrf_step_ratios import _status_kib, saved_tensor_bytes  # noqa: E402
-from benchmarks.report import (  # noqa: E402
+from benchmarks.perf.bwrf_step_ratios import _status_kib, saved_tensor_bytes
+from benchmarks.report import (
     BUSY_SHARE,
     Run,
     add_common_arguments,
@@ -50,9 +47,9 @@ from benchmarks.report import (  # noqa: E402
     others_share,
     time_interleaved,
 )
-from bwrf_ext.losses import kd_loss  # noqa: E402
-from bwrf_ext.methods.blockkd import BlockKD, BlockKDConfig  # noqa: E402
-from bwrf_ext.models import resnet20, resnet56  # noqa: E402
+from bwrf_ext.losses import kd_loss
+from bwrf_ext.methods.blockkd import BlockKD, BlockKDConfig
+from bwrf_ext.models import resnet20, resnet56
 
 BATCH = 128
 TEMPERATURE = 4.0
@@ -129,7 +126,7 @@ def rss_child(variant: str) -> None:
     """In a fresh process: prints JSON with the RSS after setup and its high-water in the steps.
 
     The high-water mark is reset after setup (``5`` into /proc/self/clear_refs), as in
-    benchmarks/bwrf_step_ratios.py.
+    benchmarks/perf/bwrf_step_ratios.py.
     """
     step = make_step(variant, torch.device("cpu"))
     setup = _status_kib("VmRSS")

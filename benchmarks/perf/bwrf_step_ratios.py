@@ -1,6 +1,6 @@
 """Times one ResNet-20 W2A2 training step of LSQ, BWRF naive and BWRF batched; prints the ratios.
 
-Usage: ``python benchmarks/bwrf_step_ratios.py [--device cpu|cuda] [--quick] [--out STEM]``.
+Usage: ``python -m benchmarks.perf.bwrf_step_ratios [--device cpu|cuda] [--quick] [--out STEM]``.
 
 One step = zero_grad, forward, loss, backward, SGD (momentum 0.9) step, batch 128 of random
 3x32x32 inputs. Every variant starts from the same ResNet-20 (the FP partner, eval mode) and its
@@ -13,7 +13,7 @@ initialised by one forward before timing:
 - ``bwrf_batched`` (ours): the default ``BWRF``: at each FP block all branches in one call,
   through the memory-lean partner (``bwrf_ext.lean``);
 - ``bwrf_plain``: ``BWRFConfig(lean_partner=False)``: batched, the partner on plain autograd
-  (benchmarks/lean_partner_ratios.py compares it with bwrf_batched).
+  (benchmarks/perf/lean_partner_ratios.py compares it with bwrf_batched).
 
 Time: interleaved rounds of ``torch.utils.benchmark.Timer.blocked_autorange``, medians. Memory,
 two measures (tracemalloc does not see torch's CPU allocator):
@@ -37,15 +37,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: `benchmarks` (and an uninstalled bwrf_ext)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-import bwrf_ext  # noqa: E402
-from benchmarks.report import (  # noqa: E402
+import bwrf_ext
+from benchmarks.report import (
     BUSY_SHARE,
     Run,
     add_common_arguments,
@@ -53,8 +50,8 @@ from benchmarks.report import (  # noqa: E402
     others_share,
     time_interleaved,
 )
-from bwrf_ext.memory import saved_activation_bytes  # noqa: E402
-from bwrf_ext.models import resnet20  # noqa: E402
+from bwrf_ext.memory import saved_activation_bytes
+from bwrf_ext.models import resnet20
 
 BATCH = 128
 W_BITS = A_BITS = 2

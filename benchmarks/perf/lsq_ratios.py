@@ -1,6 +1,6 @@
 """Times bwrf_ext.lsq_fake_quant side by side with its alternatives and writes the ratio table.
 
-Usage: ``python benchmarks/lsq_ratios.py [--device cpu|cuda] [--quick] [--out STEM]``.
+Usage: ``python -m benchmarks.perf.lsq_ratios [--device cpu|cuda] [--quick] [--out STEM]``.
 
 Every (size, dtype, mode) case times five implementations in one process, interleaved in rounds
 so that drift hits them alike, with ``torch.utils.benchmark.Timer.blocked_autorange`` (which
@@ -8,7 +8,7 @@ synchronizes CUDA around each block), and reports medians:
 
 - ``ours``: ``bwrf_ext.lsq_fake_quant`` (compiled kernels, or the reference when not built);
 - ``eager``: the composite LSQ most research code uses (grad_scale + round_pass chain,
-  ``benchmarks/composite_lsq.py``);
+  ``benchmarks/perf/composite_lsq.py``);
 - ``learnable``: ``torch._fake_quantize_learnable_per_tensor_affine`` with zero_point 0;
 - ``compile``: ``torch.compile(composite, dynamic=False)``;
 - ``clone``: ``x.clone()``, an out-of-place op of the same size with its allocation: the
@@ -28,19 +28,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: `benchmarks` (and an uninstalled bwrf_ext)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.utils import benchmark as torch_benchmark
 
-import torch  # noqa: E402
-from torch.utils import benchmark as torch_benchmark  # noqa: E402
-
-import bwrf_ext  # noqa: E402
-from benchmarks.composite_lsq import composite_lsq_fake_quant  # noqa: E402
-from benchmarks.report import (  # noqa: E402
+import bwrf_ext
+from benchmarks.perf.composite_lsq import composite_lsq_fake_quant
+from benchmarks.report import (
     BUSY_SHARE,
     Run,
     add_common_arguments,

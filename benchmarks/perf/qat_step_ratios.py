@@ -1,6 +1,6 @@
 """Times one QAT training step of ResNet-20 (float, ours, eager composite) and prints the ratios.
 
-Usage: ``python benchmarks/qat_step_ratios.py [--device cpu|cuda] [--quick] [--out STEM]``.
+Usage: ``python -m benchmarks.perf.qat_step_ratios [--device cpu|cuda] [--quick] [--out STEM]``.
 
 One step = zero_grad, forward, cross-entropy, backward, SGD (momentum 0.9) step, batch 128 of
 random 3x32x32 inputs, model in train mode. Variants, built from the same initial weights:
@@ -8,8 +8,9 @@ random 3x32x32 inputs, model in train mode. Variants, built from the same initia
 - ``float``: the full-precision ResNet-20;
 - ``ours``: ``bwrf_ext.quantize_model(model, w_bits=4, a_bits=4)`` (W4A4, first conv and last
   linear 8-bit), quantizers running the fused ``bwrf_ext.lsq_fake_quant``;
-- ``composite``: the same layers switched by ``use_composite`` (``benchmarks/composite_lsq.py``)
-  to the eager research-code LSQ (grad_scale + round_pass chain of ATen ops).
+- ``composite``: the same layers switched by ``use_composite``
+  (``benchmarks/perf/composite_lsq.py``) to the eager research-code LSQ (grad_scale +
+  round_pass chain of ATen ops).
 
 The variants are timed interleaved in rounds (drift hits them alike) with
 ``torch.utils.benchmark.Timer.blocked_autorange``; the table gives medians and ours / other.
@@ -20,20 +21,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: `benchmarks` (and an uninstalled bwrf_ext)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-import bwrf_ext  # noqa: E402
-from benchmarks.composite_lsq import use_composite  # noqa: E402
-from benchmarks.report import Run, add_common_arguments, time_interleaved  # noqa: E402
-from bwrf_ext.models import resnet20  # noqa: E402
+import bwrf_ext
+from benchmarks.perf.composite_lsq import use_composite
+from benchmarks.report import Run, add_common_arguments, time_interleaved
+from bwrf_ext.models import resnet20
 
 BATCH = 128
 W_BITS = A_BITS = 4

@@ -1,6 +1,6 @@
 """Fidelity check: ``bwrf-train --method lsq`` against an independent LSQ loop, same budget.
 
-Usage: ``python benchmarks/lsq_fidelity.py [--bits 2 4] [--seeds 0] [--init-from PATH]
+Usage: ``python -m benchmarks.accuracy.lsq_fidelity [--bits 2 4] [--seeds 0] [--init-from PATH]
 [--parallel 2] [--threads 1]``.
 
 Side by side, for each bit width and seed: one epoch of ``bwrf-train --method lsq`` (ResNet-20,
@@ -8,7 +8,7 @@ CIFAR-10 JPEG copy, first/last layer 8-bit, SGD lr 0.01 cosine, batch 128, from 
 FP weights by default), and one epoch of the plain-PyTorch LSQ below, written from the paper
 (Esser et al. 2020) and importing none of bwrf_ext's quantizers, data pipeline or training loop
 (only the ResNet-20 definition and the weight-file reader). It prints both test accuracies and
-their difference, and writes ``benchmarks/results/lsq_fidelity_<device>.md`` and ``.json``.
+their difference, and writes ``benchmarks/results/accuracy/lsq_fidelity_<device>.md`` and ``.json``.
 A library whose LSQ trails this loop by more than the seeds' spread has a bug: that is how the
 ATen clip test and the eval-mode calibration were found (issue 16).
 
@@ -29,13 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 RUNS = Path("runs/results/fidelity")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the akamaster weights' normalisation
@@ -204,7 +201,7 @@ def _independent_job(bits: int, seed: int, args: argparse.Namespace) -> dict:
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "benchmarks.lsq_fidelity", "--independent-only",
+    command = [sys.executable, "-m", "benchmarks.accuracy.lsq_fidelity", "--independent-only",
                "--bits", str(bits), "--seeds", str(seed), "--init-from", args.init_from,
                "--epochs", str(args.epochs)]  # fmt: skip
     if args.threads:
@@ -219,8 +216,8 @@ def _independent_job(bits: int, seed: int, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks.report import RESULTS_DIR
-    from benchmarks.results_runs import run
+    from benchmarks.accuracy.results_runs import run
+    from benchmarks.report import ACCURACY_RESULTS as RESULTS_DIR
     from bwrf_ext._backend import describe_device
     from bwrf_ext.models.pretrained import akamaster_weights_path, default_shared_dir
 
@@ -283,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
         f"ResNet-20 from `{args.init_from.replace(str(default_shared_dir()), '../shared')}`, "
         f"CIFAR-10 JPEG-q75 copy, {args.epochs} epoch(s), SGD lr 0.01 cosine, batch 128, "
         f"first/last layer 8-bit; bwrf-train with `--step-init {args.step_init}`, the "
-        "independent loop with the paper's init; written by `python benchmarks/lsq_fidelity.py`.",
+        "independent loop with the paper's init; written by "
+        "`python -m benchmarks.accuracy.lsq_fidelity`.",
         "",
         "| bits | seeds | bwrf-train LSQ (%) | independent LSQ (%) | ours − independent |"
         " per seed (ours / independent) |",

@@ -1,7 +1,7 @@
 """Bit-for-bit fingerprints of a ``bwrf-train`` digits run of every method, to show a refactor
 changes no behaviour.
 
-Usage: ``python benchmarks/digits_fingerprint.py [--out FILE] [--check FILE]``.
+Usage: ``python -m benchmarks.accuracy.digits_fingerprint [--out FILE] [--check FILE]``.
 
 Trains, on scikit-learn's digits (seconds each, one thread, seed 0): the FP small CNN, then LSQ,
 BWRF and Block-KD (W2A2) from it, and ContSup (ResNet-20, K=3 with context R1; K=2 with E and

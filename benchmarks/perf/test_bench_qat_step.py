@@ -1,6 +1,6 @@
 """pytest-benchmark timings of one ResNet-20 W4A4 training step: float, ours, eager composite.
 
-Variants and the step live in benchmarks/qat_step_ratios.py (whose docstring says what each
+Variants and the step live in benchmarks/perf/qat_step_ratios.py (whose docstring says what each
 one is); the ratio line comes from benchmarks/conftest.py (group with an "ours" entry). Each
 test also checks that the step trained the model, so a broken step fails in quick mode
 (``--benchmark-disable``) too.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.qat_step_ratios import A_BITS, BATCH, VARIANTS, W_BITS, make_step
+from benchmarks.perf.qat_step_ratios import A_BITS, BATCH, VARIANTS, W_BITS, make_step
 from benchmarks.report import synchronized
 from bwrf_ext import LSQQuantizer, build_info
 

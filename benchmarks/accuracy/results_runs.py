@@ -1,6 +1,6 @@
 """The README's results tables: each suite's methods side by side from one start, same budget.
 
-Usage: ``python benchmarks/results_runs.py [--suite cifar10 fashion-mnist] [--seeds 0 1 2]
+Usage: ``python -m benchmarks.accuracy.results_runs [--suite cifar10 fashion-mnist] [--seeds 0 1 2]
 [--methods lsq bwrf] [--bits 2] [--parallel N] [--epochs-qat N] [--device cuda]``.
 
 Suites (each row a method, from the same start, at each of the suite's bit widths):
@@ -22,8 +22,9 @@ Suites (each row a method, from the same start, at each of the suite's bit width
 Runs ``bwrf-train`` once per row (each run in ``runs/results/<suite>/<name>``; a finished run
 is skipped, an interrupted one resumed, so the script can be restarted), up to ``--parallel``
 at a time after the FP run, then copies each run's raw records (metrics.jsonl, summary.json,
-log.txt, accuracy.png) to ``benchmarks/results/runs/<suite>/<name>/`` and writes the table to
-``benchmarks/results/results_table_<suites>_<device>.md`` and ``.json`` with the commands.
+log.txt, accuracy.png) to ``benchmarks/results/accuracy/runs/<suite>/<name>/`` and writes the
+table to ``benchmarks/results/accuracy/results_table_<suites>_<device>.md`` and ``.json`` with the
+commands.
 ``--table-only`` starts no run; where ``runs/results`` lacks a run (a fresh clone), it
 tabulates the kept records.
 
@@ -48,16 +49,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.report import RESULTS_DIR  # noqa: E402
-from bwrf_ext._backend import describe_device  # noqa: E402
-from bwrf_ext.models.pretrained import AKAMASTER_DIR, default_shared_dir  # noqa: E402
+from benchmarks.report import ACCURACY_RESULTS
+from bwrf_ext._backend import describe_device
+from bwrf_ext.models.pretrained import AKAMASTER_DIR, default_shared_dir
 
 RUNS = Path("runs/results")
+RESULTS_DIR = ACCURACY_RESULTS  # the tables and kept records (tests point it elsewhere)
 BITS = ((2, 2), (3, 3), (4, 4))
 CIFAR10_LABEL = "CIFAR-10 (lossy JPEG-q75 copy)"
 
@@ -514,10 +513,10 @@ def write_table(table: dict[str, Suite], rows: list[Row]) -> None:
     lines = [
         "# Results: each suite's methods from one start, same budget",
         "",
-        "Written by `python benchmarks/results_runs.py`; the runs of a suite start from the same"
-        " FP model (or from scratch where the suite says so); accuracy is the mean ± sample"
-        " standard deviation over the seeds, each seed's value beside it; every run's records"
-        " are in `benchmarks/results/runs/<suite>/<run>/`.",
+        "Written by `python -m benchmarks.accuracy.results_runs`; the runs of a suite start from"
+        " the same FP model (or from scratch where the suite says so); accuracy is the mean ±"
+        " sample standard deviation over the seeds, each seed's value beside it; every run's"
+        " records are in `benchmarks/results/accuracy/runs/<suite>/<run>/`.",
         "",
         "| data | model | bits | method | epochs | seeds | test accuracy (%) | per seed |"
         " best branch / stone (%) | wall time (mean) | machine |",

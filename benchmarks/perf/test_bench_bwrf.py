@@ -1,6 +1,6 @@
 """pytest-benchmark timings of one ResNet-20 W2A2 step: LSQ alone, BWRF naive, BWRF batched.
 
-Variants and the step live in benchmarks/bwrf_step_ratios.py (its docstring says what each one
+Variants and the step live in benchmarks/perf/bwrf_step_ratios.py (its docstring says what each one
 is); BWRF batched is "ours" in the ratio line of benchmarks/conftest.py. Each test also checks
 that the step trained the LP model and left the FP partner bitwise unchanged, so a broken step
 fails in quick mode (``--benchmark-disable``) too.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.bwrf_step_ratios import A_BITS, BATCH, VARIANTS, W_BITS, make_step
+from benchmarks.perf.bwrf_step_ratios import A_BITS, BATCH, VARIANTS, W_BITS, make_step
 from benchmarks.report import synchronized
 from bwrf_ext import build_info
 

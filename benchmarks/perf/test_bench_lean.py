@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.bwrf_step_ratios import make_step
-from benchmarks.lean_partner_ratios import BRANCH_TARGET, branch_saved_bytes
+from benchmarks.perf.bwrf_step_ratios import make_step
+from benchmarks.perf.lean_partner_ratios import BRANCH_TARGET, branch_saved_bytes
 
 
 def test_lean_branches_save_20x_less(bench_device: torch.device):

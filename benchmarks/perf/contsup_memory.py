@@ -1,6 +1,6 @@
 """Peak activation memory of a ContSup training step on ResNet-32: end-to-end vs K modules.
 
-Usage: ``python benchmarks/contsup_memory.py [--device cpu|cuda] [--quick] [--batch 128]
+Usage: ``python -m benchmarks.perf.contsup_memory [--device cpu|cuda] [--quick] [--batch 128]
 [--no-rss] [--out STEM]``.
 
 One step = ``ContSup.train_step`` (zero_grad, K module forwards each followed at once by the
@@ -31,15 +31,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: `benchmarks` (and an uninstalled bwrf_ext)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks.report import Run, add_common_arguments  # noqa: E402
-from bwrf_ext.memory import saved_activation_bytes  # noqa: E402
-from bwrf_ext.methods.contsup import ContSup, ContSupConfig  # noqa: E402
-from bwrf_ext.models import resnet32  # noqa: E402
+from benchmarks.report import Run, add_common_arguments
+from bwrf_ext.memory import saved_activation_bytes
+from bwrf_ext.methods.contsup import ContSup, ContSupConfig
+from bwrf_ext.models import resnet32
 
 BATCH = 128
 TARGET = 0.25

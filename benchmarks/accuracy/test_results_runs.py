@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from benchmarks import results_runs
+from benchmarks.accuracy import results_runs
 
 
 @pytest.fixture

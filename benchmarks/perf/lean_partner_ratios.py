@@ -1,8 +1,8 @@
 """Memory and time of a BWRF step with the lean FP partner vs plain autograd; prints the ratios.
 
-Usage: ``python benchmarks/lean_partner_ratios.py [--device cpu|cuda] [--quick] [--out STEM]``.
+Usage: ``python -m benchmarks.perf.lean_partner_ratios [--device cpu|cuda] [--quick] [--out STEM]``.
 
-The ResNet-20 W2A2 step of benchmarks/bwrf_step_ratios.py (batch 128, branches M^1 and M^2) in
+The ResNet-20 W2A2 step of benchmarks/perf/bwrf_step_ratios.py (batch 128, branches M^1 and M^2) in
 three variants: ``bwrf_batched`` (ours: the default, lean partner), ``bwrf_plain``
 (``BWRFConfig(lean_partner=False)``) and ``lsq`` (LSQ alone, the memory baseline). Measures:
 
@@ -23,18 +23,13 @@ Targets (issue #5): branch saved bytes plain / lean >= 20; peak memory growth of
 from __future__ import annotations
 
 import argparse
-import sys
 import weakref
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: `benchmarks` (and an uninstalled bwrf_ext)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import torch  # noqa: E402
-from torch.utils import _pytree as pytree  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from benchmarks.bwrf_step_ratios import (  # noqa: E402
+from benchmarks.perf.bwrf_step_ratios import (
     A_BITS,
     BATCH,
     W_BITS,
@@ -43,7 +38,7 @@ from benchmarks.bwrf_step_ratios import (  # noqa: E402
     peak_rss,
     saved_tensor_bytes,
 )
-from benchmarks.report import (  # noqa: E402
+from benchmarks.report import (
     BUSY_SHARE,
     Run,
     add_common_arguments,
@@ -51,7 +46,7 @@ from benchmarks.report import (  # noqa: E402
     others_share,
     time_interleaved,
 )
-from bwrf_ext.memory import saved_activation_bytes  # noqa: E402
+from bwrf_ext.memory import saved_activation_bytes
 
 VARIANTS = ("bwrf_batched", "bwrf_plain", "lsq")
 BRANCH_TARGET, PEAK_TARGET = 20.0, 1.1

@@ -1,0 +1,2 @@
+"""Accuracy benchmarks: the README results tables, the LSQ fidelity check, the refactor
+fingerprint."""

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks: ours against the strongest alternatives, side by side."""
