@@ -53,7 +53,7 @@ import torch
 
 from benchmarks.report import ACCURACY_RESULTS
 from bwrf_ext._backend import describe_device
-from bwrf_ext.models.pretrained import AKAMASTER_DIR, default_shared_dir
+from bwrf_ext.models.pretrained import AKAMASTER_DIR, akamaster_weights_path, default_shared_dir
 
 RUNS = Path("runs/results")
 RESULTS_DIR = ACCURACY_RESULTS  # the tables and kept records (tests point it elsewhere)
@@ -118,9 +118,10 @@ class Row:
 def akamaster(depth: int) -> str:
     """The akamaster ResNet-<depth> file under ../shared/weights. The suites are listed on every
     machine; where ../shared lacks the file, a run says so (bwrf-train names the path)."""
-    directory = default_shared_dir() / "weights" / AKAMASTER_DIR
-    found = sorted(directory.glob(f"resnet{depth}-*.th"))
-    return str(found[0] if found else directory / f"resnet{depth}-<sha8>.th")
+    try:
+        return str(akamaster_weights_path(depth))
+    except FileNotFoundError:
+        return str(default_shared_dir() / AKAMASTER_DIR / f"resnet{depth}-<sha8>.th")
 
 
 def suites() -> dict[str, Suite]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,18 @@ def test_suite_from_scratch_has_no_fp_run(in_tmp):
     assert f"| FP | ContSup K=2 − E2E | 1 | 1 | {expected:+.2f} |" in (
         table_json.with_suffix(".md").read_text()
     )
+
+
+def test_every_suite_names_weights_that_exist():
+    """The start and teacher weights each suite passes to bwrf-train (a wrong path only fails
+    when the run starts, hours into a queue)."""
+    shared = results_runs.default_shared_dir() / "weights"
+    if not shared.is_dir():
+        pytest.skip(f"no ../shared/weights at {shared} (a user's machine)")
+    for name, spec in results_runs.suites().items():
+        options = [*(spec.fp or []), *spec.options]
+        options += [o for v in spec.variants.values() for o in v.options]
+        paths = [options[i + 1] for i, o in enumerate(options)
+                 if o in ("--init-from", "--teacher-from")]  # fmt: skip
+        for path in paths:
+            assert Path(path).is_file(), f"suite {name}: {path}"
