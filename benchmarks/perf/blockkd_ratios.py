@@ -32,7 +32,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +139,7 @@ def rss_child(variant: str) -> None:
 def peak_rss(variant: str) -> dict[str, int]:
     """{"setup_kib", "peak_kib"} of a fresh subprocess running RSS_STEPS steps of the variant."""
     result = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--rss-child", variant],
+        [sys.executable, "-m", __spec__.name, "--rss-child", variant],
         capture_output=True, text=True, check=True,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])

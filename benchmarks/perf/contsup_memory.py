@@ -29,7 +29,6 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -114,7 +113,7 @@ def rss_child(num_modules: int, variant: str, batch: int) -> None:
 
 def rss_growth(num_modules: int, variant: str, batch: int) -> int:
     result = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--rss-child", str(num_modules), variant,
+        [sys.executable, "-m", __spec__.name, "--rss-child", str(num_modules), variant,
          "--batch", str(batch)],
         capture_output=True, text=True, check=True,
     )
