@@ -12,8 +12,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["BlockSplit", "check_split", "probing", "register_split", "registered_splits",
-           "split_model"]  # fmt: skip
+__all__ = ["BlockSplit", "check_split", "named_split", "probing", "register_split",
+           "registered_splits", "split_model"]  # fmt: skip
 
 # Names of the blocks an automatic split produces, for repr and error messages.
 _GroupNames = list[list[str]]
@@ -162,7 +162,7 @@ def split_model(
                 "split_model: a named split needs example_input (a tensor the model accepts) to "
                 "check that the model's forward is the plain chain stem -> blocks -> head"
             )
-        split = _named_split(model, blocks, stem, head)
+        split = named_split(model, blocks, stem, head)
     if example_input is not None:
         check_split(model, split, example_input)
     return split
@@ -280,7 +280,7 @@ def register_split(
     """
     if isinstance(rule, Mapping):
         names = dict(rule)
-        rule = lambda model: _named_split(model, names["blocks"], names.get("stem", ()),  # noqa: E731
+        rule = lambda model: named_split(model, names["blocks"], names.get("stem", ()),  # noqa: E731
                                           names["head"])  # fmt: skip
     _REGISTRY[family] = (rule, description)
 
@@ -305,13 +305,22 @@ def _automatic_split(model: nn.Module) -> BlockSplit:
         "example_input=torch.randn(2, 3, 32, 32))"
     )
 
-def _named_split(
+
+def named_split(
     model: nn.Module,
     blocks: Sequence[Sequence[str] | str],
     stem: Sequence[str],
     head: Sequence[str],
     flatten_before_linear: bool = True,
 ) -> BlockSplit:
+    """The split by module names, unchecked: what :func:`split_model` builds before its check,
+    for split rules that compute the names (timm's); see split_model for the arguments.
+
+    Args:
+        flatten_before_linear: insert ``nn.Flatten(1)`` before the first head module holding an
+            ``nn.Linear`` (False for heads that pool and flatten themselves).
+    """
+
     def listed(group: Sequence[str] | str) -> list[str]:
         return [group] if isinstance(group, str) else list(group)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bwrf_ext.engine.split import BlockSplit, _named_split, register_split
+from bwrf_ext.engine.split import BlockSplit, named_split, register_split
 
 # Stage outputs at a reduction below this are the stem's (timm lists the stem's activation or
 # the first stride-2 block as a feature too); the blocks start after it, as in torchvision's split.
@@ -50,7 +50,8 @@ def split_timm_model(model: nn.Module) -> BlockSplit:
                      if name == ends[0] or parent and name.startswith(parent + "."))  # fmt: skip
     stem, blocks[0] = first[:stem_size], first[stem_size:]
     # timm's heads pool and flatten themselves (global_pool, ClassifierHead): no nn.Flatten.
-    return _named_split(model, blocks, stem, chain[positions[-1] + 1:], flatten_before_linear=False)
+    head = chain[positions[-1] + 1:]
+    return named_split(model, blocks, stem, head, flatten_before_linear=False)
 
 
 register_split(lambda cls: cls.__module__.startswith("timm."), split_timm_model,
