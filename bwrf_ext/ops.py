@@ -148,55 +148,77 @@ def _canonical(qmin, qmax, grad_factor, axis) -> tuple:
     return qmin, qmax, grad_factor, axis
 
 
-if compiled is not None:
+# The ops' schemas, as csrc/bwrf_ext.cpp defines them (a test checks that they match). Without the
+# compiled library Python defines the same ops, so that both backends run one dispatch path: the
+# compiled CPU/CUDA kernels where they are registered, else the pure-PyTorch reference, which is
+# registered below as every op's default kernel (the fallback, and the kernel of other devices).
+OP_SCHEMAS = {
+    "lsq_fake_quant": "(Tensor x, Tensor scale, int qmin, int qmax, float grad_factor, "
+    "int? axis=None, bool clip_before_round=False) -> Tensor",
+    "lsq_fake_quant_backward": "(Tensor grad_y, Tensor x, Tensor scale, int qmin, int qmax, "
+    "float grad_factor, int? axis=None, bool clip_before_round=False) -> (Tensor, Tensor)",
+    "pack_mask": "(Tensor x, float lower=0., float? upper=None) -> Tensor",
+    "unpack_mask_mul": "(Tensor packed, Tensor grad) -> Tensor",
+}
+if compiled is None:
+    for _name, _schema in OP_SCHEMAS.items():
+        torch.library.define(f"bwrf_ext::{_name}", _schema)
 
-    @torch.library.register_fake("bwrf_ext::lsq_fake_quant")
-    def _lsq_fake_quant_fake(x, scale, qmin, qmax, grad_factor, axis=None, clip_before_round=False):
-        check_lsq_args("lsq_fake_quant", x, scale, qmin, qmax, grad_factor, axis)
-        return torch.empty_like(x)
 
-    @torch.library.register_fake("bwrf_ext::lsq_fake_quant_backward")
-    def _lsq_fake_quant_backward_fake(
-        grad_y, x, scale, qmin, qmax, grad_factor, axis=None, clip_before_round=False
-    ):
-        check_lsq_args("lsq_fake_quant_backward", x, scale, qmin, qmax, grad_factor, axis)
-        check_grad_y(grad_y, x)
-        return torch.empty_like(x), torch.empty(scale.shape, dtype=scale.dtype, device=x.device)
+@torch.library.impl("bwrf_ext::lsq_fake_quant", "default")
+def _lsq_fake_quant_reference(
+    x, scale, qmin, qmax, grad_factor, axis=None, clip_before_round=False
+):
+    return reference.lsq_fake_quant(x, scale, qmin, qmax, axis, clip_before_round)
 
-    def _setup_context(ctx, inputs, output):
-        x, scale, qmin, qmax, grad_factor, axis, clip_before_round = inputs
-        ctx.save_for_backward(x, scale)
-        ctx.params = (qmin, qmax, grad_factor, axis, clip_before_round)
 
-    def _backward(ctx, grad_y):
-        x, scale = ctx.saved_tensors
-        grad_x, grad_scale = torch.ops.bwrf_ext.lsq_fake_quant_backward(
-            grad_y, x, scale, *ctx.params
-        )
-        return grad_x, grad_scale, None, None, None, None, None
-
-    torch.library.register_autograd(
-        "bwrf_ext::lsq_fake_quant", _backward, setup_context=_setup_context
+@torch.library.impl("bwrf_ext::lsq_fake_quant_backward", "default")
+def _lsq_fake_quant_backward_reference(
+    grad_y, x, scale, qmin, qmax, grad_factor, axis=None, clip_before_round=False
+):
+    return reference.lsq_fake_quant_backward(
+        grad_y, x, scale, qmin, qmax, grad_factor, axis, clip_before_round
     )
 
-else:
 
-    class _ReferenceLSQFakeQuant(torch.autograd.Function):
-        """The fallback: reference forward and backward wired together by autograd."""
+@torch.library.impl("bwrf_ext::pack_mask", "default")
+def _pack_mask_reference(x, lower=0.0, upper=None):
+    return reference.pack_mask(x, lower, upper)
 
-        @staticmethod
-        def forward(ctx, x, scale, qmin, qmax, grad_factor, axis, clip_before_round):
-            ctx.save_for_backward(x, scale)
-            ctx.params = (qmin, qmax, grad_factor, axis, clip_before_round)
-            return reference.lsq_fake_quant(x, scale, qmin, qmax, axis, clip_before_round)
 
-        @staticmethod
-        def backward(ctx, grad_y):
-            x, scale = ctx.saved_tensors
-            grad_x, grad_scale = reference.lsq_fake_quant_backward(
-                grad_y, x, scale, *ctx.params
-            )
-            return grad_x, grad_scale, None, None, None, None, None
+@torch.library.impl("bwrf_ext::unpack_mask_mul", "default")
+def _unpack_mask_mul_reference(packed, grad):
+    return reference.unpack_mask_mul(packed, grad).contiguous()
+
+
+@torch.library.register_fake("bwrf_ext::lsq_fake_quant")
+def _lsq_fake_quant_fake(x, scale, qmin, qmax, grad_factor, axis=None, clip_before_round=False):
+    check_lsq_args("lsq_fake_quant", x, scale, qmin, qmax, grad_factor, axis)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("bwrf_ext::lsq_fake_quant_backward")
+def _lsq_fake_quant_backward_fake(
+    grad_y, x, scale, qmin, qmax, grad_factor, axis=None, clip_before_round=False
+):
+    check_lsq_args("lsq_fake_quant_backward", x, scale, qmin, qmax, grad_factor, axis)
+    check_grad_y(grad_y, x)
+    return torch.empty_like(x), torch.empty(scale.shape, dtype=scale.dtype, device=x.device)
+
+
+def _setup_context(ctx, inputs, output):
+    x, scale, qmin, qmax, grad_factor, axis, clip_before_round = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.params = (qmin, qmax, grad_factor, axis, clip_before_round)
+
+
+def _backward(ctx, grad_y):
+    x, scale = ctx.saved_tensors
+    grad_x, grad_scale = torch.ops.bwrf_ext.lsq_fake_quant_backward(grad_y, x, scale, *ctx.params)
+    return grad_x, grad_scale, None, None, None, None, None
+
+
+torch.library.register_autograd("bwrf_ext::lsq_fake_quant", _backward, setup_context=_setup_context)
 
 
 def lsq_fake_quant(
@@ -250,11 +272,9 @@ def lsq_fake_quant(
     """
     check_lsq_args("lsq_fake_quant", x, scale, qmin, qmax, grad_factor, axis, clip_before_round)
     qmin, qmax, grad_factor, axis = _canonical(qmin, qmax, grad_factor, axis)
-    if compiled is not None:
-        return torch.ops.bwrf_ext.lsq_fake_quant(
-            x, scale, qmin, qmax, grad_factor, axis, clip_before_round
-        )
-    return _ReferenceLSQFakeQuant.apply(x, scale, qmin, qmax, grad_factor, axis, clip_before_round)
+    return torch.ops.bwrf_ext.lsq_fake_quant(
+        x, scale, qmin, qmax, grad_factor, axis, clip_before_round
+    )
 
 
 def lsq_fake_quant_backward(
@@ -282,11 +302,7 @@ def lsq_fake_quant_backward(
     )
     check_grad_y(grad_y, x)
     qmin, qmax, grad_factor, axis = _canonical(qmin, qmax, grad_factor, axis)
-    if compiled is not None:
-        return torch.ops.bwrf_ext.lsq_fake_quant_backward(
-            grad_y, x, scale, qmin, qmax, grad_factor, axis, clip_before_round
-        )
-    return reference.lsq_fake_quant_backward(
+    return torch.ops.bwrf_ext.lsq_fake_quant_backward(
         grad_y, x, scale, qmin, qmax, grad_factor, axis, clip_before_round
     )
 
@@ -311,17 +327,16 @@ def _check_mask_args(op: str, packed: torch.Tensor, grad: torch.Tensor) -> None:
         )
 
 
-if compiled is not None:
+@torch.library.register_fake("bwrf_ext::pack_mask")
+def _pack_mask_fake(x, lower=0.0, upper=None):
+    torch._check(x.dtype.is_floating_point, lambda: "pack_mask: x must be floating point")
+    return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
 
-    @torch.library.register_fake("bwrf_ext::pack_mask")
-    def _pack_mask_fake(x, lower=0.0, upper=None):
-        torch._check(x.dtype.is_floating_point, lambda: "pack_mask: x must be floating point")
-        return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
 
-    @torch.library.register_fake("bwrf_ext::unpack_mask_mul")
-    def _unpack_mask_mul_fake(packed, grad):
-        _check_mask_args("unpack_mask_mul", packed, grad)
-        return torch.empty_like(grad, memory_format=torch.contiguous_format)
+@torch.library.register_fake("bwrf_ext::unpack_mask_mul")
+def _unpack_mask_mul_fake(packed, grad):
+    _check_mask_args("unpack_mask_mul", packed, grad)
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
 def pack_mask(x: torch.Tensor, lower: float = 0.0, upper: float | None = None) -> torch.Tensor:
@@ -348,9 +363,7 @@ def pack_mask(x: torch.Tensor, lower: float = 0.0, upper: float | None = None) -
         raise TypeError(f"pack_mask: lower must be a real number, got {_describe(lower)}")
     if upper is not None and not _is_real(upper):
         raise TypeError(f"pack_mask: upper must be a real number or None, got {_describe(upper)}")
-    if compiled is not None:
-        return torch.ops.bwrf_ext.pack_mask(x, lower, upper)
-    return reference.pack_mask(x, lower, upper)
+    return torch.ops.bwrf_ext.pack_mask(x, lower, upper)
 
 
 def unpack_mask_mul(packed: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -367,6 +380,4 @@ def unpack_mask_mul(packed: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         Tensor of grad's shape and dtype, contiguous.
     """
     _check_mask_args("unpack_mask_mul", packed, grad)
-    if compiled is not None:
-        return torch.ops.bwrf_ext.unpack_mask_mul(packed, grad)
-    return reference.unpack_mask_mul(packed, grad).contiguous()
+    return torch.ops.bwrf_ext.unpack_mask_mul(packed, grad)

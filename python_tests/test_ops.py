@@ -99,8 +99,9 @@ def test_matches_torch_learnable_fake_quant(per_channel, signed, bits):
         x, scale, qmin, qmax, axis = random_case(gen, per_channel, bits, signed, min_ndim=2)
         grad_factor = 1.0 / math.sqrt(x.numel() / scale.numel() * max(qmax, 1))
         grad_y = torch.randn(x.shape, generator=gen)
-        ours = forward_backward(bwrf_ext.lsq_fake_quant, x, scale, grad_y, qmin, qmax,
-                                grad_factor, axis)
+        ours = forward_backward(
+            bwrf_ext.lsq_fake_quant, x, scale, grad_y, qmin, qmax, grad_factor, axis
+        )
         theirs = forward_backward(torch_learnable, x, scale, grad_y, qmin, qmax, grad_factor, axis)
         assert torch.equal(ours[0], theirs[0]), "forward must equal PyTorch's bit for bit"
         assert torch.equal(ours[1], theirs[1]), "grad_x must equal PyTorch's bit for bit"
@@ -116,8 +117,9 @@ def test_matches_reference(per_channel, bits, clip_before_round):
     for signed in (True, False):
         x, scale, qmin, qmax, axis = random_case(gen, per_channel, bits, signed)
         grad_y = torch.randn(x.shape, generator=gen)
-        y = bwrf_ext.lsq_fake_quant(x, scale, qmin, qmax, 0.5, axis,
-                                    clip_before_round=clip_before_round)
+        y = bwrf_ext.lsq_fake_quant(
+            x, scale, qmin, qmax, 0.5, axis, clip_before_round=clip_before_round
+        )
         grad_x, grad_scale = bwrf_ext.lsq_fake_quant_backward(
             grad_y, x, scale, qmin, qmax, 0.5, axis, clip_before_round=clip_before_round
         )
@@ -282,11 +284,13 @@ BAD_INPUTS = [
 
 
 def _call_with(overrides, fn):
-    args = dict(x=torch.ones(3, 4), scale=torch.ones(1), qmin=-2, qmax=1, grad_factor=1.0,
-                axis=None)
+    args = dict(
+        x=torch.ones(3, 4), scale=torch.ones(1), qmin=-2, qmax=1, grad_factor=1.0, axis=None
+    )
     args.update(overrides)
-    return fn(args["x"], args["scale"], args["qmin"], args["qmax"], args["grad_factor"],
-              args["axis"])
+    return fn(
+        args["x"], args["scale"], args["qmin"], args["qmax"], args["grad_factor"], args["axis"]
+    )
 
 
 @pytest.mark.parametrize("overrides,error,message", BAD_INPUTS)
@@ -484,18 +488,41 @@ def test_scale_on_another_device():
         bwrf_ext.lsq_fake_quant(torch.ones(3, device="cuda"), torch.ones(1), 0, 3, 1.0)
 
 
-@requires_compiled
 @pytest.mark.parametrize("axis", [None, 0, -1])
 def test_opcheck(axis):
+    """The registered op on either backend: schema, fake kernel, autograd and dispatch agree."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 4, 3, generator=gen, requires_grad=True)
-    scale = (torch.rand(1 if axis is None else x.shape[axis], generator=gen) + 0.1)
+    scale = torch.rand(1 if axis is None else x.shape[axis], generator=gen) + 0.1
     scale.requires_grad_()
-    torch.library.opcheck(torch.ops.bwrf_ext.lsq_fake_quant.default,
-                          (x, scale, -4, 3, 0.2, axis, False))
+    torch.library.opcheck(
+        torch.ops.bwrf_ext.lsq_fake_quant.default, (x, scale, -4, 3, 0.2, axis, False)
+    )
     grad_y = torch.randn(x.shape, generator=gen)
-    torch.library.opcheck(torch.ops.bwrf_ext.lsq_fake_quant_backward.default,
-                          (grad_y, x.detach(), scale.detach(), -4, 3, 0.2, axis, True))
+    torch.library.opcheck(
+        torch.ops.bwrf_ext.lsq_fake_quant_backward.default,
+        (grad_y, x.detach(), scale.detach(), -4, 3, 0.2, axis, True),
+    )
+
+
+@requires_compiled
+def test_python_schemas_match_the_compiled_library():
+    """The fallback defines the ops from OP_SCHEMAS: they must be csrc/bwrf_ext.cpp's schemas."""
+    for name, schema in bwrf_ext.ops.OP_SCHEMAS.items():
+        expected = torch._C.parse_schema(f"bwrf_ext::{name}{schema}")
+        assert str(getattr(torch.ops.bwrf_ext, name).default._schema) == str(expected), name
+
+
+def test_reference_is_every_ops_default_kernel():
+    """One dispatch path: the pure-PyTorch reference is registered as each op's default kernel
+    (devices without a compiled kernel use it); the compiled library adds CPU and CUDA kernels."""
+    for name in bwrf_ext.ops.OP_SCHEMAS:
+        qualname = f"bwrf_ext::{name}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeExplicitAutograd")
+        table = torch._C._dispatch_dump_table(qualname)
+        cpu_kernel = next(line for line in table.splitlines() if line.startswith("CPU:"))
+        own_cpu_kernel = cpu_kernel.endswith("[kernel]")  # else "[default backend kernel]"
+        assert own_cpu_kernel == (compiled is not None), cpu_kernel
 
 
 def test_torch_compile_fullgraph():
@@ -522,13 +549,16 @@ def test_cuda_matches_cpu(dtype, per_channel):
         x, scale, qmin, qmax, axis = random_case(gen, per_channel, bits, True, dtype=dtype)
         grad_y = torch.randn(x.shape, generator=gen).to(dtype)
         for clip in (False, True):
-            cpu = bwrf_ext.lsq_fake_quant_backward(grad_y, x, scale, qmin, qmax, 0.3, axis,
-                                                   clip_before_round=clip)
-            gpu = bwrf_ext.lsq_fake_quant_backward(grad_y.cuda(), x.cuda(), scale.cuda(), qmin,
-                                                   qmax, 0.3, axis, clip_before_round=clip)
-            assert torch.equal(bwrf_ext.lsq_fake_quant(x, scale, qmin, qmax, 0.3, axis),
-                               bwrf_ext.lsq_fake_quant(x.cuda(), scale.cuda(), qmin, qmax, 0.3,
-                                                       axis).cpu())
+            cpu = bwrf_ext.lsq_fake_quant_backward(
+                grad_y, x, scale, qmin, qmax, 0.3, axis, clip_before_round=clip
+            )
+            gpu = bwrf_ext.lsq_fake_quant_backward(
+                grad_y.cuda(), x.cuda(), scale.cuda(), qmin, qmax, 0.3, axis, clip_before_round=clip
+            )
+            assert torch.equal(
+                bwrf_ext.lsq_fake_quant(x, scale, qmin, qmax, 0.3, axis),
+                bwrf_ext.lsq_fake_quant(x.cuda(), scale.cuda(), qmin, qmax, 0.3, axis).cpu(),
+            )
             assert torch.equal(cpu[0], gpu[0].cpu())
             assert_sum_close(gpu[1].cpu(), cpu[1], grad_y.float().abs().sum() * 0.3 * qmax * 2)
 
@@ -546,8 +576,9 @@ def test_cuda_large_layouts_and_determinism(layout):
         first = bwrf_ext.lsq_fake_quant_backward(grad_y, x, scale, -8, 7, 0.01, axis)
         second = bwrf_ext.lsq_fake_quant_backward(grad_y, x, scale, -8, 7, 0.01, axis)
         assert torch.equal(first[1], second[1]), "CUDA grad_scale must be deterministic"
-        cpu = bwrf_ext.lsq_fake_quant_backward(grad_y.cpu(), x.cpu(), scale.cpu(), -8, 7, 0.01,
-                                               axis)
+        cpu = bwrf_ext.lsq_fake_quant_backward(
+            grad_y.cpu(), x.cpu(), scale.cpu(), -8, 7, 0.01, axis
+        )
         assert torch.equal(first[0].cpu(), cpu[0])
         assert_sum_close(first[1].cpu(), cpu[1], grad_y.abs().sum().cpu() * 8 * 0.01)
 
@@ -555,9 +586,13 @@ def test_cuda_large_layouts_and_determinism(layout):
 @pytest.mark.parametrize(
     "device",
     [
-        pytest.param("cpu", marks=pytest.mark.skipif(
-            os.environ.get("BWRF_EXT_BIG_TESTS") != "1",
-            reason="needs ~13 GB of RAM and a minute: set BWRF_EXT_BIG_TESTS=1")),
+        pytest.param(
+            "cpu",
+            marks=pytest.mark.skipif(
+                os.environ.get("BWRF_EXT_BIG_TESTS") != "1",
+                reason="needs ~13 GB of RAM and a minute: set BWRF_EXT_BIG_TESTS=1",
+            ),
+        ),
         pytest.param("cuda", marks=requires_cuda),
     ],
 )
@@ -573,8 +608,7 @@ def test_64bit_indexing(device):
     assert y[-5:].tolist() == [0.5, -1.0, 0.5, 0.0, 0.5]
     assert y[0].item() == 0.5
     del y
-    grad_x, grad_scale = bwrf_ext.lsq_fake_quant_backward(torch.ones_like(x), x, scale, -2, 1,
-                                                          1.0)
+    grad_x, grad_scale = bwrf_ext.lsq_fake_quant_backward(torch.ones_like(x), x, scale, -2, 1, 1.0)
     assert grad_x[-1].item() == 0.0 and grad_x[0].item() == 1.0 and grad_x[-2].item() == 1.0
     del grad_x
     # 0.3 is 0.2998 in fp16: v = 0.5996, q = 1, slope q - v for all but the tail, whose slopes
