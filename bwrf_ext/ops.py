@@ -1,8 +1,10 @@
-"""Typed wrappers of the bwrf_ext ops, with their fake (meta) and autograd registrations.
+"""Typed wrappers of the bwrf_ext ops, with their fake (meta) and fallback registrations.
 
-Three layers, as in flash-attention: the kernels (csrc/, registered as torch.ops.bwrf_ext.*), the
-autograd op (registered here), and the user-facing functions below. Without the compiled library
-the same functions run bwrf_ext.reference under a torch.autograd.Function.
+Three layers, as in flash-attention: the kernels (csrc/, registered as torch.ops.bwrf_ext.*, their
+autograd in C++ too), the registrations here (fake kernels for torch.compile, the pure-PyTorch
+reference as every op's default kernel), and the user-facing functions below, which check the
+arguments and call the op. Without the compiled library the same ops are defined here, with the
+reference as their kernel and a Python autograd: one dispatch path either way.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 from bwrf_ext import reference
-from bwrf_ext._backend import compiled
+from bwrf_ext._backend import compiled  # noqa: F401  (imported first: it registers the ops)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT32 = (-(2**31), 2**31 - 1)
@@ -148,10 +150,11 @@ def _canonical(qmin, qmax, grad_factor, axis) -> tuple:
     return qmin, qmax, grad_factor, axis
 
 
-# The ops' schemas, as csrc/bwrf_ext.cpp defines them (a test checks that they match). Without the
-# compiled library Python defines the same ops, so that both backends run one dispatch path: the
-# compiled CPU/CUDA kernels where they are registered, else the pure-PyTorch reference, which is
-# registered below as every op's default kernel (the fallback, and the kernel of other devices).
+# The ops' schemas, as csrc/bwrf_ext.cpp defines them (a test checks that they match). Without a
+# compiled library (bwrf_ext._C, or the CMake build loaded by a C++ user's torch.ops.load_library)
+# Python defines the same ops, so that both backends run one dispatch path: the compiled CPU/CUDA
+# kernels where they are registered, else the pure-PyTorch reference, which is registered below as
+# every op's default kernel (the fallback, and the kernel of other devices).
 OP_SCHEMAS = {
     "lsq_fake_quant": "(Tensor x, Tensor scale, int qmin, int qmax, float grad_factor, "
     "int? axis=None, bool clip_before_round=False) -> Tensor",
@@ -160,8 +163,18 @@ OP_SCHEMAS = {
     "pack_mask": "(Tensor x, float lower=0., float? upper=None) -> Tensor",
     "unpack_mask_mul": "(Tensor packed, Tensor grad) -> Tensor",
 }
-if compiled is None:
-    for _name, _schema in OP_SCHEMAS.items():
+
+
+def _is_defined(name: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"bwrf_ext::{name}", "")
+    except RuntimeError:
+        return False
+    return True
+
+
+for _name, _schema in OP_SCHEMAS.items():
+    if not _is_defined(_name):
         torch.library.define(f"bwrf_ext::{_name}", _schema)
 
 
@@ -218,7 +231,12 @@ def _backward(ctx, grad_y):
     return grad_x, grad_scale, None, None, None, None, None
 
 
-torch.library.register_autograd("bwrf_ext::lsq_fake_quant", _backward, setup_context=_setup_context)
+# A compiled library registers this autograd in C++ (csrc/autograd.cpp), which runs no Python
+# per call; the pure-PyTorch fallback gets it here.
+if not torch._C._dispatch_has_kernel_for_dispatch_key("bwrf_ext::lsq_fake_quant", "Autograd"):
+    torch.library.register_autograd(
+        "bwrf_ext::lsq_fake_quant", _backward, setup_context=_setup_context
+    )
 
 
 def lsq_fake_quant(

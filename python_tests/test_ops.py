@@ -515,7 +515,8 @@ def test_python_schemas_match_the_compiled_library():
 
 def test_reference_is_every_ops_default_kernel():
     """One dispatch path: the pure-PyTorch reference is registered as each op's default kernel
-    (devices without a compiled kernel use it); the compiled library adds CPU and CUDA kernels."""
+    (devices without a compiled kernel use it); the compiled library adds CPU and CUDA kernels
+    and lsq_fake_quant's autograd in C++ (a Python autograd kernel costs ~70 us per call)."""
     for name in bwrf_ext.ops.OP_SCHEMAS:
         qualname = f"bwrf_ext::{name}"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeExplicitAutograd")
@@ -523,6 +524,9 @@ def test_reference_is_every_ops_default_kernel():
         cpu_kernel = next(line for line in table.splitlines() if line.startswith("CPU:"))
         own_cpu_kernel = cpu_kernel.endswith("[kernel]")  # else "[default backend kernel]"
         assert own_cpu_kernel == (compiled is not None), cpu_kernel
+    dump = torch._C._dispatch_dump("bwrf_ext::lsq_fake_quant")
+    autograd = next(line for line in dump.splitlines() if line.startswith("Autograd[alias]"))
+    assert ("unboxed" in autograd) == (compiled is not None), autograd  # unboxed: a C++ kernel
 
 
 def test_torch_compile_fullgraph():
