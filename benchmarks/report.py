@@ -50,13 +50,28 @@ def others_share(start: tuple, end: tuple) -> float | None:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
-    """--device, --quick and --out, the options every ratio script takes."""
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="default: cuda when available, else cpu")
+    """--device, --threads, --quick and --out, the options every ratio script takes."""
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="default: cuda when available, else cpu",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch's CPU threads (default: torch's, one per core); the output "
+        "name then says it, e.g. _cpu-2core-1thread",
+    )
     parser.add_argument("--quick", action="store_true", help="short timings (a smoke run)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output path without extension; default "
-                        f"benchmarks/results/perf/{name}_<device>[-quick]")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"output path without extension; default "
+        f"benchmarks/results/perf/{name}_<device>[-quick]",
+    )
 
 
 @dataclasses.dataclass
@@ -71,8 +86,14 @@ class Run:
     meta: dict
 
     @classmethod
-    def begin(cls, name: str, args: argparse.Namespace, quick: tuple[float, int],
-              full: tuple[float, int], **settings) -> Run:
+    def begin(
+        cls,
+        name: str,
+        args: argparse.Namespace,
+        quick: tuple[float, int],
+        full: tuple[float, int],
+        **settings,
+    ) -> Run:
         """Resolves the device, records what is measured on what, and prints a header line.
 
         Args:
@@ -81,6 +102,12 @@ class Run:
         """
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         tag, device_name = device_description(device)
+        threads = getattr(args, "threads", None)
+        if threads is not None:
+            if threads < 1:
+                raise SystemExit(f"{name}: --threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+            tag += f"-{threads}thread" + ("s" if threads > 1 else "")
         min_run_time, rounds = quick if args.quick else full
         info = bwrf_ext.build_info()
         meta = {
@@ -96,8 +123,10 @@ class Run:
             "rounds": rounds,
             **settings,
         }
-        print(f"bwrf_ext backend: {info['backend']} | {device_name} | {meta['threads']} threads",
-              flush=True)
+        print(
+            f"bwrf_ext backend: {info['backend']} | {device_name} | {meta['threads']} threads",
+            flush=True,
+        )
         return cls(name, args, device, min_run_time, rounds, meta)
 
     def write(self, record: dict, table: str) -> None:
@@ -126,8 +155,13 @@ def synchronized(fn: Callable[[], torch.Tensor], device: torch.device) -> Callab
     return call
 
 
-def time_interleaved(steps: dict[str, Callable[[], object]], device: torch.device,
-                     min_run_time: float, rounds: int, label: str) -> dict[str, float]:
+def time_interleaved(
+    steps: dict[str, Callable[[], object]],
+    device: torch.device,
+    min_run_time: float,
+    rounds: int,
+    label: str,
+) -> dict[str, float]:
     """Median seconds per call of every step, timed in interleaved rounds so drift hits all alike.
 
     Each step is called once first (caching allocator, optimizer state, lazy initialisation).
@@ -136,7 +170,10 @@ def time_interleaved(steps: dict[str, Callable[[], object]], device: torch.devic
     for name, step in steps.items():
         synchronized(step, device)()
         timers[name] = torch_benchmark.Timer(
-            "step()", globals={"step": step}, label=label, description=name,
+            "step()",
+            globals={"step": step},
+            label=label,
+            description=name,
             num_threads=torch.get_num_threads(),  # Timer's default would time on 1 thread
         )
     runs: dict[str, list] = {name: [] for name in steps}

@@ -2,11 +2,14 @@
 
 Usage: ``python -m benchmarks.perf.lsq_ratios [--device cpu|cuda] [--quick] [--out STEM]``.
 
-Every (size, dtype, mode) case times five implementations in one process, interleaved in rounds
-so that drift hits them alike, with ``torch.utils.benchmark.Timer.blocked_autorange`` (which
-synchronizes CUDA around each block), and reports medians:
+Every (size, dtype, mode) case times six implementations in one process, interleaved in rounds
+so that drift and the allocator's state hit them alike, with
+``torch.utils.benchmark.Timer.blocked_autorange`` (which synchronizes CUDA around each block):
 
 - ``ours``: ``bwrf_ext.lsq_fake_quant`` (compiled kernels, or the reference when not built);
+- ``op``: ``torch.ops.bwrf_ext.lsq_fake_quant`` called directly: ours without the Python
+  wrapper's argument checks (ours/op is the wrapper's per-call overhead; the 1-element case shows
+  the fixed cost of a call through the dispatcher);
 - ``eager``: the composite LSQ most research code uses (grad_scale + round_pass chain,
   ``benchmarks/perf/composite_lsq.py``);
 - ``learnable``: ``torch._fake_quantize_learnable_per_tensor_affine`` with zero_point 0;
@@ -18,9 +21,15 @@ synchronizes CUDA around each block), and reports medians:
 
 ``fwd`` is the training forward: x and scale require grad, so each implementation also saves what
 its backward needs. ``fwd+bwd`` adds ``y.backward(grad_y)`` with a fixed grad_y and the .grad of x
-and scale set to None before every call. Per-tensor signed 4-bit (qmin=-8, qmax=7), scale at the
-LSQ init 2*mean|x|/sqrt(qmax), grad_factor 1/sqrt(numel*qmax). Ratios are ours / other: below 1
-ours is faster.
+and scale set to None before every call; ``fwd+bwd acc`` keeps them, so autograd adds into them
+(as a weight's gradient over micro-batches, and a step size's always). Per-tensor signed 4-bit
+(qmin=-8, qmax=7), scale at the LSQ init 2*mean|x|/sqrt(qmax), grad_factor 1/sqrt(numel*qmax).
+
+Ratios are ours / other (below 1 ours is faster), taken per round from the interleaved medians:
+the table gives their median over the rounds and the range [min, max] beside it, so a ratio
+that swings says so. The minor page faults per call (fresh memory from the OS, which the CPU
+allocator returns and refetches for large tensors) of ours and the best alternative are
+recorded, since they move CPU timings of large tensors between runs.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import resource
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -44,7 +55,7 @@ from benchmarks.report import (
 )
 
 QMIN, QMAX = -8, 7
-MODES = ("fwd", "fwd+bwd")
+MODES = ("fwd", "fwd+bwd", "fwd+bwd acc")
 ALTERNATIVES = ("eager", "learnable", "compile")  # what "best alternative" is chosen from
 
 
@@ -63,6 +74,7 @@ class Case:
 
 
 CASES = (
+    Case("1", (1,), torch.float32),  # nothing to compute: the fixed cost of one call
     Case("16K", (128, 128), torch.float32),  # a weight tensor (the largest ResNet-20 conv is 37K)
     Case("1M", (64, 16, 32, 32), torch.float32),  # an activation: batch 64, 16 channels, 32x32
     Case("16M", (256, 64, 32, 32), torch.float32),
@@ -102,6 +114,7 @@ compiled_composite = torch.compile(composite_lsq_fake_quant, dynamic=False)
 
 IMPLS: dict[str, Callable[[Inputs], torch.Tensor]] = {
     "ours": lambda i: bwrf_ext.lsq_fake_quant(i.x, i.scale, QMIN, QMAX, i.grad_factor),
+    "op": lambda i: torch.ops.bwrf_ext.lsq_fake_quant(i.x, i.scale, QMIN, QMAX, i.grad_factor),
     "eager": lambda i: composite_lsq_fake_quant(i.x, i.scale, QMIN, QMAX, i.grad_factor),
     "learnable": lambda i: torch._fake_quantize_learnable_per_tensor_affine(
         i.x, i.scale, i.zero_point, QMIN, QMAX, i.grad_factor
@@ -113,7 +126,7 @@ IMPLS: dict[str, Callable[[Inputs], torch.Tensor]] = {
 
 def unsupported(impl: str, case: Case, mode: str) -> str | None:
     """Why an implementation cannot run a case, or None when it can."""
-    if impl == "learnable" and mode == "fwd+bwd" and case.dtype != torch.float32:
+    if impl == "learnable" and mode != "fwd" and case.dtype != torch.float32:
         return "torch's learnable fake-quant backward takes fp32 only"
     return None
 
@@ -124,14 +137,18 @@ def make_step(
     """The timed callable: one forward, or forward + backward; returns y.
 
     Returns:
-        A function of no arguments; after a fwd+bwd call x.grad and scale.grad hold the result.
+        A function of no arguments; after a ``fwd+bwd`` call x.grad and scale.grad hold the
+        result (``fwd+bwd acc`` adds it to what they held).
     """
+    if mode not in MODES:
+        raise ValueError(f"make_step: mode must be one of {MODES}, got {mode!r}")
     if mode == "fwd":
         return lambda: impl(inputs)
 
     def fwd_bwd() -> torch.Tensor:
-        inputs.x.grad = None
-        inputs.scale.grad = None
+        if mode == "fwd+bwd":
+            inputs.x.grad = None
+            inputs.scale.grad = None
         y = impl(inputs)
         y.backward(inputs.grad_y)
         return y
@@ -160,21 +177,31 @@ def time_case(
             num_threads=torch.get_num_threads(),  # Timer's default would time on 1 thread
         )
     runs: dict[str, list] = {name: [] for name in timers}
+    faults = dict.fromkeys(timers, 0)
+    calls = dict.fromkeys(timers, 0)
     before = cpu_clocks()
     for _ in range(rounds):
         for name, timer in timers.items():
+            start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             runs[name].append(timer.blocked_autorange(min_run_time=min_run_time))
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+            calls[name] += runs[name][-1].number_per_run * len(runs[name][-1].raw_times)
     busy_share = others_share(before, cpu_clocks())
     medians = {
         name: (torch_benchmark.Measurement.merge(runs[name])[0].median if name in runs else None)
         for name in IMPLS
     }
-    ours = medians["ours"]
     present = [n for n in ALTERNATIVES if medians[n] is not None]
     best = min(present, key=lambda n: medians[n])
-    ratios = {"best": ours / medians[best]}
-    ratios.update({n: (ours / m if m is not None else None) for n, m in medians.items()})
-    del ratios["ours"]
+    per_round = {  # ours / other in each round: both timed back to back, so drift cancels
+        name: [o.median / m.median for o, m in zip(runs["ours"], runs[name], strict=True)]
+        for name in timers
+        if name != "ours"
+    }
+    ratios = {n: statistics.median(r) for n, r in per_round.items()}
+    spread = {n: [min(r), max(r)] for n, r in per_round.items()}
+    ratios.update({n: None for n in IMPLS if n not in timers})
+    ratios["best"], spread["best"] = ratios[best], spread[best]
     return {
         "case": case.name,
         "size": case.size,
@@ -184,6 +211,9 @@ def time_case(
         "median_s": medians,
         "best_alternative": best,
         "ours_over": ratios,
+        "ours_over_range": spread,
+        "rounds": rounds,
+        "minor_faults_per_call": {n: faults[n] / calls[n] for n in timers},
         "notes": {n: v for n, v in notes.items() if v is not None},
         "other_processes_cpu_share": busy_share,
     }
@@ -204,10 +234,20 @@ def _fmt_ratio(ratio: float | None) -> str:
     return f"{ratio:.2f}" if ratio >= 0.1 else f"{ratio:.2g}"
 
 
+def _fmt_range(r: dict, name: str) -> str:
+    """A ratio with its range over the rounds: ``0.52 [0.48-0.61]``."""
+    low_high = r["ours_over_range"].get(name)
+    ratio = _fmt_ratio(r["ours_over"][name])
+    return (
+        ratio
+        if low_high is None
+        else f"{ratio} [{_fmt_ratio(low_high[0])}-{_fmt_ratio(low_high[1])}]"
+    )
+
+
 def to_markdown(meta: dict, rows: list[dict]) -> str:
     """The header and one table row per (size, dtype, mode): medians, then ours / other."""
     names = list(IMPLS)
-    others = [n for n in names if n != "ours"]
     shares = [r["other_processes_cpu_share"] for r in rows]
     share = None if None in shares else max(shares)
     busy = meta["device"].startswith("cpu") and share is not None and share > BUSY_SHARE
@@ -221,20 +261,21 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         + ("unknown" if share is None else f"{share:.0%}")
         + (" **(busy machine: CPU timings unreliable)**" if busy else ""),
         f"- per-tensor qmin={QMIN}, qmax={QMAX}; fwd = training forward (inputs require grad); "
-        "ratios are ours / other, < 1 means ours is faster",
+        "acc = gradients accumulate into x.grad and scale.grad",
+        f"- ratios are ours / other, < 1 means ours is faster: the median of {meta['rounds']} "
+        "interleaved rounds' ratios, [min-max] over the rounds",
         "",
-        "| case | mode | "
-        + " | ".join(names)
-        + " | ours/best alt | "
-        + " | ".join(f"ours/{n}" for n in others)
-        + " |",
-        "|---|---|" + "---:|" * (2 * len(names)),
+        "| case | mode | " + " | ".join(names) + " | ours/best alt | ours/compile | "
+        "ours/learnable | ours/op (wrapper) | ours/clone | page faults per call: ours, best alt |",
+        "|---|---|" + "---:|" * (len(names) + 6),
     ]
     for r in rows:
-        ratios = r["ours_over"]
+        best = r["best_alternative"]
+        faults = r["minor_faults_per_call"]
         cells = [_fmt_time(r["median_s"][n]) for n in names]
-        cells.append(f"{_fmt_ratio(ratios['best'])} ({r['best_alternative']})")
-        cells += [_fmt_ratio(ratios[n]) for n in others]
+        cells += [f"{_fmt_range(r, 'best')} ({best})", _fmt_range(r, "compile"),
+                  _fmt_range(r, "learnable"), _fmt_range(r, "op"), _fmt_range(r, "clone"),
+                  f"{faults['ours']:.0f}, {faults[best]:.0f}"]  # fmt: skip
         flag = busy and (r["other_processes_cpu_share"] or 0) > BUSY_SHARE
         case = f"{r['case']}{' (busy)' if flag else ''}"
         lines.append(f"| {case} | {r['mode']} | " + " | ".join(cells) + " |")
@@ -247,8 +288,14 @@ def main(argv: list[str] | None = None) -> None:
     """Parses the command line, times every case, prints the table, writes .json and .md."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, "lsq_ratios")
-    run = Run.begin("lsq_ratios", parser.parse_args(argv), quick=(0.03, 2), full=(0.4, 5),
-                    qmin=QMIN, qmax=QMAX)
+    run = Run.begin(
+        "lsq_ratios",
+        parser.parse_args(argv),
+        quick=(0.03, 3),
+        full=(0.15, 15),
+        qmin=QMIN,
+        qmax=QMAX,
+    )
     rows = []
     for case in CASES:
         for mode in MODES:
