@@ -179,7 +179,7 @@ def normalize(
     x = images.float().div_(255.0)
     if rgb and x.shape[-3] == 1:
         x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
-    return (x - mean) / std
+    return (x - mean).div_(std)
 
 
 class InMemoryLoader:
@@ -242,7 +242,7 @@ class InMemoryLoader:
         self.epoch = 0
         home = self.device if _fits(dataset.images, self.device) else torch.device("cpu")
         self.images = dataset.images.to(home)
-        self.labels = dataset.labels.to(home)
+        self.labels = dataset.labels  # indexed on CPU, where the order is: one small copy
         self.mean = dataset.mean.to(self.device)
         self.std = dataset.std.to(self.device)
         self.padding = dataset.padding if dataset.augment == "crop-flip" else 0
@@ -289,15 +289,12 @@ class InMemoryLoader:
     def _batch(
         self, index: torch.Tensor, k: int, global_size: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's rows ``index`` of global batch ``k`` (of ``global_size`` images)."""
-        index = index.to(self.images.device)
+        """This process's rows ``index`` (CPU) of global batch ``k`` (of ``global_size``)."""
         if self.dataset.augment == "none":
-            images = self.images[index]
+            images = self.images[index.to(self.images.device, non_blocking=True)]
         else:
             # Drawn for the whole global batch; this process keeps its columns.
-            dy, dx, flip = self.draws(k, global_size)[:, self.rank :: self.world_size].to(
-                self.images.device
-            )
+            dy, dx, flip = self.draws(k, global_size)[:, self.rank :: self.world_size]
             images = crop_flip(self.images, index, dy, dx, flip, self.padding)
         x = normalize(
             images.to(self.device, non_blocking=True), self.mean, self.std, self.dataset.rgb
@@ -319,31 +316,31 @@ def crop_flip(
     dx[j] : dx[j] + W]``, flipped left-right where ``flip[j]`` is 1.
 
     Args:
-        images: (N, C, H, W) uint8, the whole set (contiguous).
-        index: (B,) int64, the images to take.
-        dy, dx: (B,) int64 in [0, 2 * padding], the window's corner in the padded image.
-        flip: (B,) int64 0 or 1.
+        images: (N, C, H, W) uint8, the whole set (contiguous), on any device.
+        index: (B,) int64 on CPU, the images to take.
+        dy, dx: (B,) int64 on CPU in [0, 2 * padding], the window's corner in the padded image.
+        flip: (B,) int64 on CPU, 0 or 1.
         padding: p, the zero border on each side.
 
     Returns:
         (B, C, H, W) uint8 on the images' device.
     """
     _, c, h, w = images.shape
-    device = images.device
-    i = torch.arange(h, device=device)
-    j = torch.arange(w, device=device)
-    # Source row and column of every output pixel in the unpadded image (out of range: padding).
-    rows = dy[:, None] - padding + i  # (B, H)
-    cols = torch.where(flip[:, None].bool(), w - 1 - j, j) + dx[:, None] - padding  # (B, W)
-    inside_rows = ((rows >= 0) & (rows < h))[:, None, :, None]
-    inside_cols = ((cols >= 0) & (cols < w))[:, None, None, :]
-    pixel = (rows.clamp(0, h - 1) * w)[:, :, None] + cols.clamp(0, w - 1)[:, None, :]  # (B, H, W)
-    linear = (
-        (index * (c * h * w))[:, None, None, None]
-        + (torch.arange(c, device=device) * (h * w))[None, :, None, None]
-        + pixel[:, None]
-    )
-    return torch.take(images, linear) * (inside_rows & inside_cols)
+    i, j = torch.arange(h), torch.arange(w)
+    # Per image, the source row and column of every output row and column in the unpadded
+    # image (outside it: the zero border). These (B, H) and (B, W) tables are made on CPU and
+    # cross to the device in one copy, which then runs four kernels on (B, C, H, W).
+    rows = dy[:, None] - padding + i
+    cols = torch.where(flip[:, None].bool(), w - 1 - j, j) + dx[:, None] - padding
+    tables = torch.cat([
+        (index * (c * h * w))[:, None] + rows.clamp(0, h - 1) * w, cols.clamp(0, w - 1),
+        (rows >= 0) & (rows < h), (cols >= 0) & (cols < w),
+    ], 1).to(images.device, non_blocking=True)  # fmt: skip
+    row_at, col_at, row_in, col_in = tables.split([h, w, h, w], 1)
+    channel_at = torch.arange(0, c * h * w, h * w, device=images.device)[:, None, None]
+    linear = row_at[:, None, :, None] + channel_at + col_at[:, None, None, :]
+    inside = (row_in[:, None, :, None] & col_in[:, None, None, :]).to(torch.uint8)
+    return torch.take(images, linear) * inside
 
 
 def _fits(images: torch.Tensor, device: torch.device) -> bool:
