@@ -6,7 +6,7 @@ it fits) and :class:`InMemoryLoader` crops and flips a whole batch at once with 
 seeded by (seed, epoch, batch), so a run's data stream does not depend on the number of
 processes or where a resumed run restarts. File-backed ImageFolder sets go through the standard
 DataLoader with workers.
-(About 650 lines: one reader per on-disk format, the in-memory set they all produce, its loader.)
+(About 700 lines: one reader per on-disk format, the in-memory set they all produce, its loader.)
 """
 
 from __future__ import annotations
