@@ -1,10 +1,12 @@
 """Image classification data for training: the embedded digits, Fashion-MNIST, CIFAR, ImageFolder.
 
 Every data set is read from the standard on-disk format (or fetched with ``download=True`` where
-torchvision can); small ones are held in memory as uint8 and augmented per sample with a
-generator seeded by (seed, epoch, index), so a run's data stream does not depend on the number
-of processes, the loader's workers or where a resumed run restarts.
-(About 500 lines: one reader per on-disk format, and the in-memory set they all produce.)
+torchvision can); small ones are held in memory as one uint8 tensor (on the training device when
+it fits) and :class:`InMemoryLoader` crops and flips a whole batch at once with a generator
+seeded by (seed, epoch, batch), so a run's data stream does not depend on the number of
+processes or where a resumed run restarts. File-backed ImageFolder sets go through the standard
+DataLoader with workers.
+(About 700 lines: one reader per on-disk format, the in-memory set they all produce, its loader.)
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import gzip
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,8 @@ DEFAULT_AUGMENT = {
     "imagefolder": "crop-flip",
 }
 AUGMENTS = ("none", "flip", "crop-flip")
+# The share of a GPU's free memory a data set may take to be held there (CIFAR-10: 150 MB).
+DEVICE_SHARE = 0.25
 CIFAR10_JPEG_NPZ = "cifar10_jpeg_q75.npz"
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -72,13 +76,18 @@ class ImageData:
     notes: list[str] = field(default_factory=list)
 
     def set_epoch(self, epoch: int) -> None:
-        """Reseeds the training augmentation for an epoch (no-op for file-backed sets)."""
+        """Reseeds the per-sample augmentation of the training items for an epoch (no-op for
+        file-backed sets); training batches are reseeded by InMemoryLoader.set_epoch."""
         if isinstance(self.train, InMemoryImages):
             self.train.set_epoch(epoch)
 
 
 class InMemoryImages(Dataset):
     """uint8 images held in memory, normalised and augmented per sample.
+
+    Training and evaluation read it in batches through :class:`InMemoryLoader`; the per-sample
+    items (their own stream, seeded by (seed, epoch, index)) are what the step-size calibration
+    and the shape probes read, and what a plain DataLoader would.
 
     Args:
         images: (N, C, H, W) uint8.
@@ -150,10 +159,196 @@ class InMemoryImages(Dataset):
                 image = F.pad(image, (p, p, p, p))[:, dy : dy + h, dx : dx + w]
             if rng.random() < 0.5:
                 image = image.flip(-1)
-        x = image.float().div_(255.0)
-        if self.rgb and x.shape[0] == 1:
-            x = x.expand(3, -1, -1)
-        return (x - self.mean) / self.std, int(self.labels[index])
+        return normalize(image, self.mean, self.std, self.rgb), int(self.labels[index])
+
+
+def normalize(
+    images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, rgb: bool
+) -> torch.Tensor:
+    """uint8 pixels as the model sees them: [0, 1], one channel repeated for an RGB model,
+    normalised per channel.
+
+    Args:
+        images: (..., C, H, W) uint8.
+        mean, std: (C', 1, 1) float32 on the images' device (C' = 3 where rgb repeats C = 1).
+        rgb: repeat a single channel three times.
+
+    Returns:
+        (..., C', H, W) float32.
+    """
+    x = images.float().div_(255.0)
+    if rgb and x.shape[-3] == 1:
+        x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])
+    return (x - mean).div_(std)
+
+
+class InMemoryLoader:
+    """Batches of an :class:`InMemoryImages` set, augmented a whole batch at a time on the
+    training device; one process's share of each global batch.
+
+    The order of an epoch is DistributedSampler's: ``torch.randperm`` seeded with seed + epoch
+    when shuffled, else the set's own. Global batch k holds positions [kB, (k+1)B) of it; its
+    crop offsets and flips are drawn for all B images from one generator seeded by
+    (seed, epoch, k), and process ``rank`` of ``world_size`` takes rows rank, rank + world_size,
+    ... of that draw (DistributedSampler's assignment). So the union of the processes' batches,
+    pixels included, is the same for any number of processes, and an epoch started anew after
+    :meth:`set_epoch` (a resumed run) is the same as in an uninterrupted run.
+
+    Crop-flip is RandomCrop(H, padding=W // 8) with zero padding, then a horizontal flip with
+    probability 1/2, as the per-sample items do, but the stream differs from theirs (one draw
+    per batch, not per image): runs before issue 20 saw other crops.
+
+    Args:
+        dataset: the images with their normalisation, augmentation and seed.
+        batch_size: B, the global batch of all processes together; a multiple of world_size.
+        shuffle: a new order every epoch (training), else the set's order (evaluation).
+        drop_last: leave out a last global batch shorter than B.
+        world_size, rank: the processes and this one.
+        device: where batches are made. The uint8 images are copied there when they take at
+            most DEVICE_SHARE of its free memory, else they stay in host memory and each batch
+            is made there and copied over.
+
+    Yields:
+        (x, y): x (b, C, H, W) float32 normalised, y (b,) int64, on ``device``;
+        b = B / world_size (fewer in a short last batch, of which a process with no rows
+        yields nothing).
+    """
+
+    def __init__(
+        self,
+        dataset: InMemoryImages,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        world_size: int = 1,
+        rank: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if batch_size < 1 or batch_size % world_size:
+            raise ValueError(
+                f"InMemoryLoader: batch_size must be a positive multiple of world_size "
+                f"{world_size}, got {batch_size}"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"InMemoryLoader: rank must be in [0, {world_size}), got {rank}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.world_size = world_size
+        self.rank = rank
+        self.device = torch.device(device)
+        self.epoch = 0
+        home = self.device if _fits(dataset.images, self.device) else torch.device("cpu")
+        self.images = dataset.images.to(home)
+        self.labels = dataset.labels  # indexed on CPU, where the order is: one small copy
+        self.mean = dataset.mean.to(self.device)
+        self.std = dataset.std.to(self.device)
+        self.padding = dataset.padding if dataset.augment == "crop-flip" else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the order and the augmentation of ``epoch`` for the next iteration."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """The batches this process yields: those of the global batches it has rows of."""
+        full, tail = divmod(len(self.labels), self.batch_size)
+        return full + (not self.drop_last and tail > self.rank)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, size = len(self.labels), self.batch_size
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.dataset.seed + self.epoch)  # as DistributedSampler seeds it
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        for k in range(len(self)):
+            batch = order[k * size : (k + 1) * size]
+            yield self._batch(batch[self.rank :: self.world_size], k, len(batch))
+
+    def draws(self, k: int, size: int) -> torch.Tensor:
+        """The augmentation of global batch ``k`` (``size`` images) of the current epoch.
+
+        One generator, ``np.random.default_rng((seed, epoch, k))``, draws the window corners
+        ``integers(0, 2p + 1, size=(2, size))`` (rows dy, dx; crop-flip only, else 0) and then
+        the flips ``random(size) < 0.5`` ("none": no draw, all 0).
+
+        Returns:
+            (3, size) int64 on CPU: dy, dx and flip (0 or 1) of each image of the global batch.
+        """
+        ds, draws = self.dataset, np.zeros((3, size), dtype=np.int64)
+        if ds.augment != "none":
+            rng = np.random.default_rng((ds.seed, self.epoch, k))
+            if self.padding:
+                draws[:2] = rng.integers(0, 2 * self.padding + 1, size=(2, size))
+            draws[2] = rng.random(size) < 0.5
+        return torch.from_numpy(draws)
+
+    def _batch(
+        self, index: torch.Tensor, k: int, global_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's rows ``index`` (CPU) of global batch ``k`` (of ``global_size``)."""
+        if self.dataset.augment == "none":
+            images = self.images[index.to(self.images.device, non_blocking=True)]
+        else:
+            # Drawn for the whole global batch; this process keeps its columns.
+            dy, dx, flip = self.draws(k, global_size)[:, self.rank :: self.world_size]
+            images = crop_flip(self.images, index, dy, dx, flip, self.padding)
+        x = normalize(
+            images.to(self.device, non_blocking=True), self.mean, self.std, self.dataset.rgb
+        )
+        return x, self.labels[index].to(self.device, non_blocking=True)
+
+
+def crop_flip(
+    images: torch.Tensor,
+    index: torch.Tensor,
+    dy: torch.Tensor,
+    dx: torch.Tensor,
+    flip: torch.Tensor,
+    padding: int,
+) -> torch.Tensor:
+    """Windows of zero-padded images, some mirrored: one gather, no padded copy.
+
+    Image j of the result is ``F.pad(images[index[j]], (p,) * 4)[:, dy[j] : dy[j] + H,
+    dx[j] : dx[j] + W]``, flipped left-right where ``flip[j]`` is 1.
+
+    Args:
+        images: (N, C, H, W) uint8, the whole set (contiguous), on any device.
+        index: (B,) int64 on CPU, the images to take.
+        dy, dx: (B,) int64 on CPU in [0, 2 * padding], the window's corner in the padded image.
+        flip: (B,) int64 on CPU, 0 or 1.
+        padding: p, the zero border on each side.
+
+    Returns:
+        (B, C, H, W) uint8 on the images' device.
+    """
+    _, c, h, w = images.shape
+    i, j = torch.arange(h), torch.arange(w)
+    # Per image, the source row and column of every output row and column in the unpadded
+    # image (outside it: the zero border). These (B, H) and (B, W) tables are made on CPU and
+    # cross to the device in one copy, which then runs four kernels on (B, C, H, W).
+    rows = dy[:, None] - padding + i
+    cols = torch.where(flip[:, None].bool(), w - 1 - j, j) + dx[:, None] - padding
+    tables = torch.cat([
+        (index * (c * h * w))[:, None] + rows.clamp(0, h - 1) * w, cols.clamp(0, w - 1),
+        (rows >= 0) & (rows < h), (cols >= 0) & (cols < w),
+    ], 1).to(images.device, non_blocking=True)  # fmt: skip
+    row_at, col_at, row_in, col_in = tables.split([h, w, h, w], 1)
+    channel_at = torch.arange(0, c * h * w, h * w, device=images.device)[:, None, None]
+    linear = row_at[:, None, :, None] + channel_at + col_at[:, None, None, :]
+    inside = (row_in[:, None, :, None] & col_in[:, None, None, :]).to(torch.uint8)
+    return torch.take(images, linear) * inside
+
+
+def _fits(images: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``images`` may be held on ``device`` (host memory: always)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return images.numel() * images.element_size() <= DEVICE_SHARE * free
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -450,9 +645,7 @@ def _cifar100(data_dir: Path | None, download: bool):
     _not_found("CIFAR-100", places, "cifar-100-python/", True)
 
 
-def _image_folder(
-    data_dir: str | os.PathLike | None, augment: str, image_size: int
-) -> ImageData:
+def _image_folder(data_dir: str | os.PathLike | None, augment: str, image_size: int) -> ImageData:
     """``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or ``test/``), read lazily."""
     from torchvision import datasets, transforms
 
@@ -487,9 +680,17 @@ def _image_folder(
             f"({len(train.classes)} vs {len(test.classes)})"
         )
     shape = ImageShape(3, image_size, image_size, len(train.classes))
-    return ImageData("imagefolder", train, test, shape, train.classes, str(root), mean, std, [
-        "ImageFolder augmentation draws from the global RNG (not per-sample seeded)"
-    ])
+    return ImageData(
+        "imagefolder",
+        train,
+        test,
+        shape,
+        train.classes,
+        str(root),
+        mean,
+        std,
+        ["ImageFolder augmentation draws from the global RNG (not per-sample seeded)"],
+    )
 
 
 __all__ = [
@@ -498,6 +699,9 @@ __all__ = [
     "DataError",
     "ImageData",
     "InMemoryImages",
+    "InMemoryLoader",
     "channel_stats",
+    "crop_flip",
     "load_image_data",
+    "normalize",
 ]

@@ -9,8 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from bwrf_ext.data import InMemoryImages, _cifar10_jpeg, _read_idx, load_image_data
+from bwrf_ext.data import (
+    InMemoryImages,
+    InMemoryLoader,
+    _cifar10_jpeg,
+    _read_idx,
+    load_image_data,
+)
 from bwrf_ext.engine import split_model
 from bwrf_ext.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, default_shared_dir
 from bwrf_ext.models.registry import ImageShape, build_model, model_names
@@ -74,6 +81,111 @@ def test_subset_is_those_images_in_that_order_normalised_alike():
     kept = augmented.subset(torch.tensor([2, 0]))
     assert (kept.augment, kept.seed, kept.epoch) == ("flip", 5, 3)
     assert torch.equal(kept.images, images[[2, 0]])
+
+
+def expected_batches(ds: InMemoryImages, batch: int, epoch: int) -> list[tuple]:
+    """The documented stream of InMemoryLoader(ds, batch, shuffle=True, drop_last=True) in
+    ``epoch``, built per image with F.pad, slicing and flip (the per-sample items' ops)."""
+    g = torch.Generator()
+    g.manual_seed(ds.seed + epoch)
+    order = torch.randperm(len(ds), generator=g)
+    p, (h, w) = ds.padding, ds.images.shape[-2:]
+    batches = []
+    for k in range(len(ds) // batch):
+        index = order[k * batch : (k + 1) * batch]
+        rng = np.random.default_rng((ds.seed, epoch, k))
+        dy, dx = rng.integers(0, 2 * p + 1, size=(2, batch))
+        flips = rng.random(batch) < 0.5
+        images = []
+        for j, i in enumerate(index.tolist()):
+            image = F.pad(ds.images[i], (p, p, p, p))[:, dy[j] : dy[j] + h, dx[j] : dx[j] + w]
+            x = (image.flip(-1) if flips[j] else image).float() / 255.0
+            if ds.rgb:
+                x = x.expand(3, -1, -1)
+            images.append((x - ds.mean) / ds.std)
+        batches.append((torch.stack(images), ds.labels[index]))
+    return batches
+
+
+def test_batched_crops_and_flips_are_the_documented_draws():
+    """Batch k of epoch e: the permutation seeded with seed + e (DistributedSampler's), crops
+    and flips from one generator seeded by (seed, e, k); a fresh loader set to epoch e (a
+    resumed run) gives the same batches as one that went through the epochs before."""
+    images = torch.randint(0, 256, (22, 1, 16, 16), dtype=torch.uint8)
+    ds = InMemoryImages(images, torch.arange(22) % 5, (0.4,), (0.3,), "crop-flip", 7, rgb=True)
+    loader = InMemoryLoader(ds, 4, shuffle=True, drop_last=True)
+    assert len(loader) == 5
+    seen = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        expected = expected_batches(ds, 4, epoch)
+        assert len(batches) == len(expected) == 5
+        for (x, y), (ex, ey) in zip(batches, expected, strict=True):
+            assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
+            assert torch.equal(x, ex) and torch.equal(y, ey)
+        seen.append(batches)
+    assert not torch.equal(seen[1][0][0], seen[2][0][0])  # a new epoch, new batches
+    resumed = InMemoryLoader(ds, 4, shuffle=True, drop_last=True)
+    resumed.set_epoch(2)
+    for (x, y), (sx, sy) in zip(resumed, seen[2], strict=True):
+        assert torch.equal(x, sx) and torch.equal(y, sy)
+    # Every offset and both flips occur: the draws cover the whole range.
+    draws = torch.cat([loader.draws(k, 4) for k in range(60)], 1)
+    assert set(draws[0].tolist()) == set(draws[1].tolist()) == set(range(5))
+    assert set(draws[2].tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("augment", ["crop-flip", "flip", "none"])
+def test_batches_do_not_depend_on_the_number_of_processes(augment):
+    """Rank r of W yields rows r, r + W, ... of the one-process global batch, pixels and all."""
+    images = torch.randint(0, 256, (30, 3, 8, 8), dtype=torch.uint8)
+    ds = InMemoryImages(images, torch.arange(30), (0.5,) * 3, (0.2,) * 3, augment, seed=2)
+    single = InMemoryLoader(ds, 8, shuffle=True, drop_last=True)
+    single.set_epoch(4)
+    whole = list(single)
+    for world in (2, 4, 8):
+        ranks = [
+            InMemoryLoader(ds, 8, shuffle=True, drop_last=True, world_size=world, rank=r)
+            for r in range(world)
+        ]
+        for rank in ranks:
+            rank.set_epoch(4)
+            assert len(rank) == len(single) == 3
+        for (x, y), shares in zip(whole, zip(*ranks, strict=True), strict=True):
+            for r, (xr, yr) in enumerate(shares):
+                assert torch.equal(xr, x[r::world]) and torch.equal(yr, y[r::world])
+    with pytest.raises(ValueError, match="batch_size must be a positive multiple of world_size"):
+        InMemoryLoader(ds, 6, world_size=4, rank=0)
+
+
+def test_evaluation_batches_are_the_per_sample_items():
+    """Unshuffled and unaugmented, a process's batches are the items of its share
+    (range(rank, n, world_size)) in order, bit for bit; a short last batch is shared out and
+    a process with no rows of it yields nothing."""
+    images = torch.randint(0, 256, (10, 1, 8, 8), dtype=torch.uint8)
+    ds = InMemoryImages(images, torch.arange(10), (0.3,), (0.2,), rgb=True)
+    for rank in range(4):
+        loader = InMemoryLoader(ds, 8, world_size=4, rank=rank)
+        batches = list(loader)
+        assert len(batches) == len(loader) == (2 if rank < 2 else 1)
+        x, y = (torch.cat(parts) for parts in zip(*batches, strict=True))
+        share = list(range(rank, 10, 4))
+        assert torch.equal(y, torch.tensor(share))
+        assert torch.equal(x, torch.stack([ds[i][0] for i in share]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_batches_on_the_gpu_are_those_on_the_cpu():
+    """The uint8 set moves to the GPU (it fits); crops are gathers and normalisation is
+    elementwise IEEE arithmetic, so the batches are bitwise the CPU's."""
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8)
+    ds = InMemoryImages(images, torch.arange(40), (0.5,) * 3, (0.2,) * 3, "crop-flip", seed=1)
+    cpu = InMemoryLoader(ds, 16, shuffle=True, drop_last=True)
+    gpu = InMemoryLoader(ds, 16, shuffle=True, drop_last=True, device="cuda")
+    assert gpu.images.is_cuda
+    for (x, y), (gx, gy) in zip(cpu, gpu, strict=True):
+        assert gx.is_cuda and torch.equal(gx.cpu(), x) and torch.equal(gy.cpu(), y)
 
 
 def test_read_idx_round_trip(tmp_path):

@@ -258,7 +258,9 @@ RESUMED_METHODS = {
 
 @pytest.mark.parametrize("method", RESUMED_METHODS)
 def test_interrupted_then_resumed_equals_uninterrupted(method, fp_run, tmp_path, monkeypatch):
-    args = [*RESUMED_METHODS[method], str(fp_run), "--epochs", "3", "--seed", "3"]
+    """Bit-identical, batched crops and flips included (drawn per (seed, epoch, batch))."""
+    args = [*RESUMED_METHODS[method], str(fp_run), "--epochs", "3", "--seed", "3",
+            "--augment", "crop-flip"]  # fmt: skip
     if method == "blockkd":
         args += ["--teacher-model", "small_cnn"]
     assert run_cli(args, tmp_path / "straight") == 0
@@ -413,8 +415,10 @@ def test_torchrun_two_processes_match_one(method, tmp_path):
     difference eventually flips a 4-bit code, after which the runs drift apart legitimately.
     It uses LSQ's step init: the default mse init puts each channel's largest weight exactly on
     the clip boundary, where that 1e-8 difference flips its gradient within the 16 steps.
+    With crops and flips: each process takes its rows of one draw over the global batch.
     """
-    args = ["--model", "mlp", "--epochs", "2", "--seed", "5", "--method", method]
+    args = ["--model", "mlp", "--epochs", "2", "--seed", "5", "--method", method,
+            "--augment", "crop-flip"]  # fmt: skip
     if method == "lsq":
         args += ["--w-bits", "4", "--a-bits", "4", "--train-subset", "512", "--step-init", "lsq"]
     result = torchrun(args, tmp_path / "ddp")

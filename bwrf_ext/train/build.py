@@ -6,6 +6,7 @@ loop writes anything; failures raise UsageError, DataError or CheckpointError na
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,14 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import bwrf_ext
-from bwrf_ext.data import GRAYSCALE_DATASETS, DataError, ImageData, InMemoryImages, load_image_data
+from bwrf_ext.data import (
+    GRAYSCALE_DATASETS,
+    DataError,
+    ImageData,
+    InMemoryImages,
+    InMemoryLoader,
+    load_image_data,
+)
 from bwrf_ext.engine import registered_splits, split_model
 from bwrf_ext.models.registry import build_model, needs_rgb
 from bwrf_ext.train import distributed
@@ -54,25 +62,67 @@ def build(config: RunConfig, dist: distributed.Distributed, ckpt: dict | None) -
 
 def loaders(
     config: RunConfig, dist: distributed.Distributed, data: ImageData
-) -> tuple[DistributedSampler, DataLoader, DataLoader]:
-    """(this rank's training sampler, its training loader, its share of the test images)."""
-    sampler = DistributedSampler(
-        data.train, dist.world_size, dist.rank, shuffle=True, seed=config.seed
-    )
-    loader = DataLoader(
-        data.train, config.batch_size // dist.world_size, sampler=sampler,
-        num_workers=config.workers, drop_last=True, pin_memory=dist.device.type == "cuda",
-    )  # fmt: skip
+) -> tuple[InMemoryLoader | SampledLoader, Iterable[tuple[torch.Tensor, torch.Tensor]]]:
+    """(this rank's training loader, its share of the test images).
+
+    In-memory sets are batched on the run's device by InMemoryLoader (the same global batches
+    for any number of processes); file-backed ones (imagefolder) go through a DataLoader with
+    --workers over a DistributedSampler. Either reshuffles with ``set_epoch``.
+    """
+    if isinstance(data.train, InMemoryImages):
+        loader = InMemoryLoader(
+            data.train, config.batch_size, shuffle=True, drop_last=True,
+            world_size=dist.world_size, rank=dist.rank, device=dist.device,
+        )  # fmt: skip
+    else:
+        sampler = DistributedSampler(
+            data.train, dist.world_size, dist.rank, shuffle=True, seed=config.seed
+        )
+        loader = SampledLoader(DataLoader(
+            data.train, config.batch_size // dist.world_size, sampler=sampler,
+            num_workers=config.workers, drop_last=True, pin_memory=dist.device.type == "cuda",
+        ), sampler)  # fmt: skip
     if len(loader) == 0:
         raise UsageError(
             f"--batch-size {config.batch_size} exceeds the {len(data.train)} training images"
         )
     if len(data.test) < dist.world_size:
         raise UsageError(f"{len(data.test)} test images for {dist.world_size} processes")
-    test_loader = DataLoader(
-        Subset(data.test, range(dist.rank, len(data.test), dist.world_size)), EVAL_BATCH
-    )
-    return sampler, loader, test_loader
+    test_loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    if isinstance(data.test, InMemoryImages):
+        # Rows rank::world_size of global batches of EVAL_BATCH * world_size: the images a
+        # DataLoader over Subset(range(rank, n, world_size)) gives in batches of EVAL_BATCH.
+        test_loader = InMemoryLoader(
+            data.test, EVAL_BATCH * dist.world_size, world_size=dist.world_size,
+            rank=dist.rank, device=dist.device,
+        )  # fmt: skip
+    else:
+        test_loader = DataLoader(
+            Subset(data.test, range(dist.rank, len(data.test), dist.world_size)), EVAL_BATCH
+        )
+    return loader, test_loader
+
+
+@dataclass
+class SampledLoader:
+    """A DataLoader over a DistributedSampler whose ``set_epoch`` reshuffles (file-backed sets).
+
+    Attributes:
+        loader: this rank's DataLoader, drawing from ``sampler``.
+        sampler: its DistributedSampler.
+    """
+
+    loader: DataLoader
+    sampler: DistributedSampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def optimizer(config: RunConfig, method: Method, steps_per_epoch: int):
@@ -144,6 +194,11 @@ def _data(config: RunConfig, dist: distributed.Distributed, normalization: str) 
         raise UsageError(f"--dataset {config.dataset}: {error}") from None
     if config.download and dist.enabled and dist.is_main:
         dist.barrier()
+    if config.workers and isinstance(data.train, InMemoryImages):
+        data.notes.append(
+            f"--workers {config.workers} unused: {config.dataset} is held in memory and "
+            "batched on the run's device (workers read file-backed imagefolder sets)"
+        )
     for split in ("train", "test"):
         size = getattr(config, f"{split}_subset")
         if size is not None:

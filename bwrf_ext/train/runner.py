@@ -88,7 +88,7 @@ class _Run:
         )
         for note in data.notes:
             out.log(f"note: {note}")
-        sampler, loader, test_loader = build.loaders(config, dist_state, data)
+        loader, test_loader = build.loaders(config, dist_state, data)
         optimizer, scheduler = build.optimizer(config, method, len(loader))
         start_epoch, history = 0, []
         if self.resumed is not None:
@@ -114,8 +114,7 @@ class _Run:
         record: dict[str, Any] = history[-1] if history else {}
         try:
             for epoch in range(start_epoch, config.epochs):
-                sampler.set_epoch(epoch)
-                data.set_epoch(epoch)
+                loader.set_epoch(epoch)
                 tic = time.perf_counter()
                 terms = self._train_epoch(method, module, loader, optimizer, scheduler, autocast,
                                           epoch)  # fmt: skip
