@@ -166,6 +166,15 @@ def time_interleaved(
 
     Each step is called once first (caching allocator, optimizer state, lazy initialisation).
     """
+    runs = time_rounds(steps, device, min_run_time, rounds, label)
+    return {name: torch_benchmark.Measurement.merge(runs[name])[0].median for name in steps}
+
+
+def time_rounds(steps: dict[str, Callable[[], object]], device: torch.device,
+                min_run_time: float, rounds: int,
+                label: str) -> dict[str, list[torch_benchmark.Measurement]]:
+    """As :func:`time_interleaved`, but every round's Measurement of every step (for spreads:
+    ``Measurement.merge`` of a step's list gives its overall median and IQR)."""
     timers = {}
     for name, step in steps.items():
         synchronized(step, device)()
@@ -180,4 +189,4 @@ def time_interleaved(
     for _ in range(rounds):
         for name, timer in timers.items():
             runs[name].append(timer.blocked_autorange(min_run_time=min_run_time))
-    return {name: torch_benchmark.Measurement.merge(runs[name])[0].median for name in steps}
+    return runs

@@ -33,10 +33,12 @@ DEFAULT_MODEL = {
     "cifar100": "resnet20",
     "imagefolder": "resnet18",
 }
-# Options a resumed run may change: they do not alter what is computed.
+# Options a resumed run may change: they do not alter what is computed. (--compile changes
+# the float rounding of a step, not its math: a compiled run may go on eagerly and back.)
 RESUME_MAY_CHANGE = {
-    "resume", "out", "device", "threads", "progress", "tensorboard", "workers", "overwrite"
-}
+    "resume", "out", "device", "threads", "progress", "tensorboard", "workers", "overwrite",
+    "compile",
+}  # fmt: skip
 # What a checkpoint written before an option existed ran with, where that differs from the
 # option's default today (the default changed when the option came).
 LEGACY_DEFAULTS = {"clip_test": "after_round", "step_init": "lsq", "contsup_preset": "uniform"}
@@ -81,6 +83,7 @@ class RunConfig:
     seed: int
     amp: bool
     sync_bn: bool
+    compile: bool  # torch.compile of the training forward (the checkpoints stay the plain model's)
     teacher_model: str  # the frozen teacher a method may build (MethodSpec.teacher)
     teacher_from: str | None
     device: str
@@ -253,7 +256,8 @@ class RunConfig:
 
         Everything is the checkpoint's (options newer than it: what it ran with, see
         :func:`option_defaults`) except RESUME_MAY_CHANGE, which are this config's. Any other
-        option given on the command line must equal the checkpoint's.
+        option given on the command line must equal the checkpoint's. The resumed method's own
+        checks run again, on what this config changed (e.g. --compile, which contsup refuses).
         """
         saved = {**option_defaults(), **saved_args}
         for name in sorted(self.given - RESUME_MAY_CHANGE):
@@ -263,7 +267,9 @@ class RunConfig:
                     f"run's {saved.get(name)}; drop it or start a new --out"
                 )
         saved.update({name: self.option(name) for name in RESUME_MAY_CHANGE})
-        return RunConfig.from_args(saved)
+        config = RunConfig.from_args(saved)
+        METHODS[config.method].check(config)
+        return config
 
 
 class _Parser(argparse.ArgumentParser):
@@ -348,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     opt.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm (multi-GPU only)")
+    opt.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the training forward (fp, lsq, bwrf: one graph; blockkd: split "
+        "where its warm-up and ensemble gate read tensors; not contsup); evaluation stays eager",
+    )  # fmt: skip
     groups: dict[str, argparse._ArgumentGroup] = {}
     for options in option_groups():
         if options.title not in groups:

@@ -101,6 +101,11 @@ class _Run:
         if dist_state.enabled and method.local_step is None:
             device_ids = [dist_state.device] if dist_state.device.type == "cuda" else None
             module = DistributedDataParallel(method.trainable, device_ids=device_ids)
+        if config.compile:
+            # Only runs the step: checkpoints and evaluation use the plain modules, so state_dict
+            # keys carry no "_orig_mod." prefix. The quantizers were initialised (calibrated or
+            # loaded) in build, so the graph holds no step-size initialisation.
+            module = torch.compile(module)
         # A fresh run creates its metrics files when it commits (end of epoch 1).
         metrics = (
             MetricsLog(out.path, history, config.tensorboard)

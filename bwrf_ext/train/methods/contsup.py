@@ -64,6 +64,9 @@ def _check_options(config: RunConfig, used: bool) -> None:
 def _check(config: RunConfig) -> None:
     if config.amp:
         raise UsageError("--amp does not apply to --method contsup (backward per module)")
+    if config.compile:  # its step backpropagates inside itself: no forward to compile alone
+        raise UsageError("--compile does not apply to --method contsup (backward per module "
+                         "inside its step)")  # fmt: skip
 
 
 def build(parts: Parts) -> Method:
