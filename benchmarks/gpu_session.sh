@@ -63,6 +63,7 @@ validate | smoke)
         --bench-device "$device" ${quick:+-k "not results_runs"} || fail benchmark tests
     echo "== benchmark tables on $device =="
     for script in lsq_ratios qat_step_ratios bwrf_step_ratios lean_partner_ratios blockkd_ratios \
+        loader_ratios compile_step_ratios \
         contsup_memory; do
         echo "-- $script"
         where=()
