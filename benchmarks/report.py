@@ -20,6 +20,7 @@ from bwrf_ext._backend import describe_device
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PERF_RESULTS = RESULTS_DIR / "perf"  # speed and memory ratio tables (benchmarks/perf)
 ACCURACY_RESULTS = RESULTS_DIR / "accuracy"  # training results, records (benchmarks/accuracy)
+ALLOCATOR_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD")  # plus MALLOC_* (glibc's older switches)
 BUSY_SHARE = 0.05  # other processes' CPU share above which a table flags its timings
 
 
@@ -120,6 +121,9 @@ class Run:
             "threads": torch.get_num_threads(),
             "quick": args.quick,
             "min_run_time_s": min_run_time,
+            # The CPU allocator's settings change large-tensor timings several-fold (page faults).
+            "allocator_env": {k: v for k, v in os.environ.items() if k in ALLOCATOR_ENV
+                              or k.startswith("MALLOC_")},  # fmt: skip
             "rounds": rounds,
             **settings,
         }

@@ -260,6 +260,9 @@ def to_markdown(meta: dict, rows: list[dict]) -> str:
         "- most CPU time other processes took while a case was timed: "
         + ("unknown" if share is None else f"{share:.0%}")
         + (" **(busy machine: CPU timings unreliable)**" if busy else ""),
+        "- CPU allocator: "
+        + (", ".join(f"`{k}={v}`" for k, v in meta.get("allocator_env", {}).items())
+           or "glibc defaults (blocks >= 32 MiB are mmap'ed and unmapped per call)"),
         f"- per-tensor qmin={QMIN}, qmax={QMAX}; fwd = training forward (inputs require grad); "
         "acc = gradients accumulate into x.grad and scale.grad",
         f"- ratios are ours / other, < 1 means ours is faster: the median of {meta['rounds']} "
