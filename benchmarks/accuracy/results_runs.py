@@ -554,6 +554,8 @@ def write_table(table: dict[str, Suite], rows: list[Row]) -> None:
     for suite in suites_run:  # accuracy against bits, and per epoch where runs are longer
         plots = []
         suite_rows = [r for r in rows if r.suite == suite]
+        if all(r.variant == "fp" for r in suite_rows):  # only the FP start another suite shares:
+            continue  # its own suite's plot would be redrawn without its methods
         if len(table[suite].bits) > 1:
             plots.append(f"results_{suite}_{device}.png")
             plot_suite(table[suite], {k: v for k, v in groups.items() if k[0] == suite},
