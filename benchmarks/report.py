@@ -50,6 +50,14 @@ def others_share(start: tuple, end: tuple) -> float | None:
     return max(0.0, others / ((end[0] - start[0]) * (os.cpu_count() or 1)))
 
 
+def busy_lines(share: float | None) -> list[str]:
+    """The table header's warning when other processes took more than BUSY_SHARE of the CPU."""
+    if share is None or share <= BUSY_SHARE:
+        return []
+    return [f"- **other processes used {100 * share:.0f} % of the CPU during the timings: "
+            "absolute times are inflated and ratios less reliable**"]  # fmt: skip
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     """--device, --threads, --quick and --out, the options every ratio script takes."""
     parser.add_argument(

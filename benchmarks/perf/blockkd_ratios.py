@@ -39,9 +39,9 @@ from torch import nn
 
 from benchmarks.perf.bwrf_step_ratios import _status_kib, saved_tensor_bytes
 from benchmarks.report import (
-    BUSY_SHARE,
     Run,
     add_common_arguments,
+    busy_lines,
     cpu_clocks,
     others_share,
     time_interleaved,
@@ -161,11 +161,7 @@ def to_markdown(meta: dict, medians: dict, saved: dict, rss: dict) -> str:
         "(saved_tensors_hooks); peak RSS = VmHWM of a fresh process over "
         f"{RSS_STEPS} steps, reset after setup (growth = peak - RSS after setup)",
     ]
-    if busy is not None and busy > BUSY_SHARE:
-        lines.append(
-            f"- **other processes used {100 * busy:.0f} % of the CPU during the timings: "
-            "absolute times are inflated and ratios less reliable**"
-        )
+    lines += busy_lines(busy)
     lines += [
         "",
         "| variant | median step | / kd | saved tensors | / kd | peak RSS | RSS growth in steps |",

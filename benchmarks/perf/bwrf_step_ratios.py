@@ -42,9 +42,9 @@ from torch import nn
 
 import bwrf_ext
 from benchmarks.report import (
-    BUSY_SHARE,
     Run,
     add_common_arguments,
+    busy_lines,
     cpu_clocks,
     others_share,
     time_interleaved,
@@ -185,11 +185,7 @@ def to_markdown(meta: dict, medians: dict, saved: dict, rss: dict) -> str:
         "(saved_tensors_hooks); peak RSS = VmHWM of a fresh process over "
         f"{RSS_STEPS} steps, reset after setup (growth = peak - RSS after setup)",
     ]
-    if busy is not None and busy > BUSY_SHARE:
-        lines.append(
-            f"- **other processes used {100 * busy:.0f} % of the CPU during the timings: "
-            "absolute times are inflated and ratios less reliable**"
-        )
+    lines += busy_lines(busy)
     lines += [
         "",
         "| variant | median step | / lsq | saved tensors | peak RSS | RSS growth in steps |",

@@ -32,9 +32,9 @@ from torch.utils import benchmark as torch_benchmark
 import bwrf_ext
 from benchmarks.perf.bwrf_step_ratios import TrainStep
 from benchmarks.report import (
-    BUSY_SHARE,
     Run,
     add_common_arguments,
+    busy_lines,
     cpu_clocks,
     others_share,
     synchronized,
@@ -119,11 +119,7 @@ def to_markdown(meta: dict, summary: dict, first_call: dict) -> str:
         "- spread: IQR of the step times over all blocks; per-round: compiled / eager of each "
         "interleaved round's medians (min..max)",
     ]
-    if busy is not None and busy > BUSY_SHARE:
-        lines.append(
-            f"- **other processes used {100 * busy:.0f} % of the CPU during the timings: "
-            "absolute times are inflated and ratios less reliable**"
-        )
+    lines += busy_lines(busy)
     lines += [
         "",
         "| method | eager (IQR) | compiled (IQR) | compiled / eager | per-round | "

@@ -39,9 +39,9 @@ from benchmarks.perf.bwrf_step_ratios import (
     saved_tensor_bytes,
 )
 from benchmarks.report import (
-    BUSY_SHARE,
     Run,
     add_common_arguments,
+    busy_lines,
     cpu_clocks,
     others_share,
     time_interleaved,
@@ -134,11 +134,7 @@ def to_markdown(
         "- saved = unique non-parameter storages autograd saves (saved_tensors_hooks): of the MP "
         "branches alone, and of the whole step's forward",
     ]
-    if busy is not None and busy > BUSY_SHARE:
-        lines.append(
-            f"- **other processes used {100 * busy:.0f} % of the CPU during the timings: "
-            "absolute times are inflated and ratios less reliable**"
-        )
+    lines += busy_lines(busy)
     lines += [
         "",
         f"| variant | median step | branch saved | step saved | {unit} | peak RSS growth |",

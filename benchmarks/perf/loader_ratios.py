@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from benchmarks.perf.qat_step_ratios import A_BITS, W_BITS, make_step
 from benchmarks.report import (
-    BUSY_SHARE,
     Run,
     add_common_arguments,
+    busy_lines,
     cpu_clocks,
     others_share,
     time_interleaved,
@@ -137,11 +137,7 @@ def to_markdown(meta: dict, medians: dict[str, float], device: torch.device) -> 
         "- step: forward + cross-entropy + backward + SGD step, train mode; first conv and "
         "last linear 8-bit",
     ]
-    if busy is not None and busy > BUSY_SHARE:
-        lines.append(
-            f"- **other processes used {100 * busy:.0f} % of the CPU during the timings: "
-            "absolute times are inflated and ratios less reliable**"
-        )
+    lines += busy_lines(busy)
     lines += [
         "",
         "| variant | median per batch | images/s | time / step |",
