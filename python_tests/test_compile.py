@@ -11,7 +11,6 @@ import torch
 from torch._dynamo.utils import counters
 
 from bwrf_ext.train import build, distributed, main
-from bwrf_ext.train import runner as runner_module
 from bwrf_ext.train.checkpoint import load_checkpoint
 from bwrf_ext.train.config import parse_args
 from bwrf_ext.train.errors import UsageError
@@ -85,7 +84,7 @@ def test_training_forward_compiles_to_the_eager_step(name, fp_weights_file, tmp_
     assert set(compiled.state_dict()) == {f"_orig_mod.{k}" for k in method.trainable.state_dict()}
 
 
-def test_compiled_run_resumes_exactly_with_plain_keys(tmp_path, monkeypatch):
+def test_compiled_run_resumes_exactly_with_plain_keys(tmp_path, ctrl_c_at_epoch):
     """LSQ (the custom ops) with the default inductor backend: a compiled run interrupted after
     epoch 2 and resumed with --compile ends bit for bit as the uninterrupted compiled run; its
     checkpoint keys are an eager run's; and it may go on without --compile."""
@@ -95,16 +94,8 @@ def test_compiled_run_resumes_exactly_with_plain_keys(tmp_path, monkeypatch):
     assert main([*args, "--compile", "--out", str(tmp_path / "straight")]) == 0
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
 
-    original = runner_module._Run._train_epoch
-
-    def interrupt_at_epoch_3(self, *a):
-        if a[-1] == 2:
-            raise KeyboardInterrupt
-        return original(self, *a)
-
-    monkeypatch.setattr(runner_module._Run, "_train_epoch", interrupt_at_epoch_3)
-    assert main([*args, "--compile", "--out", str(tmp_path / "cut")]) == 130
-    monkeypatch.setattr(runner_module._Run, "_train_epoch", original)
+    with ctrl_c_at_epoch(2):
+        assert main([*args, "--compile", "--out", str(tmp_path / "cut")]) == 130
     shutil.copytree(tmp_path / "cut", tmp_path / "cut_eager")
     assert main(["--resume", "--compile", "--out", str(tmp_path / "cut"), "--no-progress"]) == 0
 

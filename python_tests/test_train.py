@@ -257,7 +257,7 @@ RESUMED_METHODS = {
 
 
 @pytest.mark.parametrize("method", RESUMED_METHODS)
-def test_interrupted_then_resumed_equals_uninterrupted(method, fp_run, tmp_path, monkeypatch):
+def test_interrupted_then_resumed_equals_uninterrupted(method, fp_run, tmp_path, ctrl_c_at_epoch):
     """Bit-identical, batched crops and flips included (drawn per (seed, epoch, batch))."""
     args = [*RESUMED_METHODS[method], str(fp_run), "--epochs", "3", "--seed", "3",
             "--augment", "crop-flip"]  # fmt: skip
@@ -265,17 +265,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(method, fp_run, tmp_path,
         args += ["--teacher-model", "small_cnn"]
     assert run_cli(args, tmp_path / "straight") == 0
 
-    original = runner_module._Run._train_epoch
-
-    def interrupt_at_epoch_3(self, *a):
-        if a[-1] == 2:
-            raise KeyboardInterrupt
-        return original(self, *a)
-
-    monkeypatch.setattr(runner_module._Run, "_train_epoch", interrupt_at_epoch_3)
-    assert run_cli(args, tmp_path / "cut") == 130
+    with ctrl_c_at_epoch(2):
+        assert run_cli(args, tmp_path / "cut") == 130
     assert load_checkpoint(tmp_path / "cut")["epoch"] == 2
-    monkeypatch.setattr(runner_module._Run, "_train_epoch", original)
     assert main(["--resume", "--out", str(tmp_path / "cut"), "--no-progress"]) == 0
 
     def strip_time(rows):
@@ -559,41 +551,27 @@ def test_overwrite_replaces_the_old_run_once_the_new_one_checkpoints(fp_run, tmp
     assert load_checkpoint(out)["args"]["seed"] == 7
 
 
-def test_interrupt_in_epoch_1_leaves_nothing_and_a_retry_works(tmp_path, monkeypatch, capsys):
+def test_interrupt_in_epoch_1_leaves_nothing_and_a_retry_works(tmp_path, ctrl_c_at_epoch, capsys):
     out = tmp_path / "runs" / "fresh"
-    original = runner_module._Run._train_epoch
-
-    def interrupt(self, *a):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(runner_module._Run, "_train_epoch", interrupt)
-    assert run_cli(["--epochs", "1"], out) == 130
+    with ctrl_c_at_epoch(0):
+        assert run_cli(["--epochs", "1"], out) == 130
     err = capsys.readouterr().err
     assert err == ("bwrf-train: interrupted; no epoch finished, so nothing was written: run the "
                    "same command to start again\n")  # fmt: skip
     assert "--resume" not in err
     assert not (tmp_path / "runs").exists()  # the directories it made are gone again
-    monkeypatch.setattr(runner_module._Run, "_train_epoch", original)
     assert run_cli(["--epochs", "1"], out) == 0  # the plain retry: no --overwrite needed
     assert not (out / LOCK_NAME).exists()  # released on exit
 
 
-def test_interrupt_after_a_checkpoint_suggests_resume(tmp_path, monkeypatch, capsys):
+def test_interrupt_after_a_checkpoint_suggests_resume(tmp_path, ctrl_c_at_epoch, capsys):
     out = tmp_path / "run"
-    original = runner_module._Run._train_epoch
-
-    def interrupt_at_epoch_2(self, *a):
-        if a[-1] == 1:
-            raise KeyboardInterrupt
-        return original(self, *a)
-
-    monkeypatch.setattr(runner_module._Run, "_train_epoch", interrupt_at_epoch_2)
-    assert run_cli(["--epochs", "2"], out) == 130
+    with ctrl_c_at_epoch(1):
+        assert run_cli(["--epochs", "2"], out) == 130
     assert capsys.readouterr().err == (
         f"bwrf-train: interrupted; the checkpoint of epoch 1 is kept in {out}: continue with "
         "--resume\n"
     )
-    monkeypatch.setattr(runner_module._Run, "_train_epoch", original)
     assert main(["--resume", "--out", str(out), "--no-progress"]) == 0
 
 
