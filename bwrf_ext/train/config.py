@@ -336,7 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-subset", type=int, default=None, help="stratified N train images")
     data.add_argument("--test-subset", type=int, default=None, help="stratified N test images")
     data.add_argument("--image-size", type=int, default=224, help="imagefolder crop size")
-    data.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    data.add_argument(
+        "--workers", type=int, default=0,
+        help="DataLoader worker processes of file-backed (imagefolder) sets; in-memory "
+        "sets are batched on the run's device without workers",
+    )
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=10)
     opt.add_argument("--batch-size", type=int, default=128, help="global batch (all processes)")
