@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -216,7 +215,7 @@ def _independent_job(bits: int, seed: int, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmarks.accuracy.results_runs import run
+    from benchmarks.accuracy.results_runs import mean_sd, run
     from benchmarks.report import ACCURACY_RESULTS as RESULTS_DIR
     from bwrf_ext._backend import describe_device
     from bwrf_ext.models.pretrained import akamaster_weights_path, default_shared_dir
@@ -292,13 +291,9 @@ def main(argv: list[str] | None = None) -> None:
         ours = [kinds["ours"][s] for s in seeds]
         paper = [kinds["paper"][s] for s in seeds]
         diff = [o - p for o, p in zip(ours, paper, strict=True)]
-
-        def ms(v, sign=""):
-            text = f"{statistics.mean(v):{sign}.2f}"
-            return text if len(v) < 2 else f"{text} ± {statistics.stdev(v):.2f}"
-
         lines.append(
-            f"| W{bits}A{bits} | {len(seeds)} | {ms(ours)} | {ms(paper)} | {ms(diff, '+')} | "
+            f"| W{bits}A{bits} | {len(seeds)} | {mean_sd(ours)} | {mean_sd(paper)} | "
+            f"{mean_sd(diff, '+')} | "
             + " ; ".join(f"{o:.2f} / {p:.2f}" for o, p in zip(ours, paper, strict=True)) + " |"
         )
         rows.append({"bits": bits, "seeds": seeds, "ours": ours, "independent": paper})
