@@ -154,6 +154,15 @@ class Run:
         print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
 
 
+def write_results(stem: Path, lines: list[str], record: object) -> None:
+    """Writes a results table: ``stem.md`` (the markdown lines) and ``stem.json`` (the record),
+    and prints the table."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    print("\n".join(lines))
+
+
 def synchronized(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], object]:
     """fn, made to wait for its CUDA kernels so that a wall clock times them (as is on CPU)."""
     if device.type != "cuda":

@@ -217,6 +217,7 @@ def _independent_job(bits: int, seed: int, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from benchmarks.accuracy.results_runs import mean_sd, run
     from benchmarks.report import ACCURACY_RESULTS as RESULTS_DIR
+    from benchmarks.report import write_results
     from bwrf_ext._backend import describe_device
     from bwrf_ext.models.pretrained import akamaster_weights_path, default_shared_dir
 
@@ -298,9 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         rows.append({"bits": bits, "seeds": seeds, "ours": ours, "independent": paper})
     stem = RESULTS_DIR / f"lsq_fidelity_{tag}_init-{args.step_init}_{device}"
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("\n".join(lines))
+    write_results(stem, lines, rows)
 
 
 if __name__ == "__main__":

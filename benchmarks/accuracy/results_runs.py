@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import ACCURACY_RESULTS
+from benchmarks.report import ACCURACY_RESULTS, write_results
 from bwrf_ext._backend import describe_device
 from bwrf_ext.models.pretrained import AKAMASTER_DIR, akamaster_weights_path, default_shared_dir
 
@@ -564,13 +564,9 @@ def write_table(table: dict[str, Suite], rows: list[Row]) -> None:
             plots.append(f"results_{suite}_curves_{device}.png")
             plot_curves(table[suite].label, suite_rows, RESULTS_DIR / plots[-1])
         lines += ["", *(f"![{suite}]({plot})" for plot in plots)]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps(
-        [{"suite": r.suite, "run": r.name, "variant": r.variant, "command": command_line(r.options),
-          **r.summary} for r in rows],
-        indent=1,
-    ) + "\n")  # fmt: skip
-    print("\n".join(lines))
+    record = [{"suite": r.suite, "run": r.name, "variant": r.variant,
+               "command": command_line(r.options), **r.summary} for r in rows]  # fmt: skip
+    write_results(stem, lines, record)
 
 
 if __name__ == "__main__":
