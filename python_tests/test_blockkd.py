@@ -170,7 +170,7 @@ def test_ensemble_target_is_detached_by_default():
     """student_ens moves the connectors only when the ensemble target is not detached."""
     for detach in (True, False):
         teacher, student = _teacher(), _student()
-        config = BlockKDConfig(detach_ensemble=detach, ensemble_gate="always")
+        config = BlockKDConfig(detach_ensemble=detach, gamma=1.0, ensemble_gate="always")
         blockkd = BlockKD(student, teacher, config).train()
         out = blockkd(*_batch())
         out.losses["student_ens"].backward()
@@ -464,6 +464,24 @@ def test_torchvision_resnet34_to_resnet18():
 def test_default_stones_are_all_blocks_with_the_last_weighing_one():
     blockkd = BlockKD(_student(), _teacher())
     assert blockkd.stone_weights == {1: 0.25, 2: 0.5, 3: 1.0}
+
+
+def test_ensemble_term_is_reported_but_off_by_default():
+    """Default loss: student and stones' CE + KD only (oracle: explicit KD of the reported logits);
+    the ensemble terms are reported, detached, with weight 0, and the gate stays shut."""
+    teacher, student = _teacher(), _student()
+    x, y = _batch()
+    out = BlockKD(student, teacher).train()(x, y)
+    assert BlockKDConfig().gamma == 0 and not out.ensemble_active
+    want = sum(w * (F.cross_entropy(z, y) + _explicit_kd(z, out.teacher_logits, 4.0))
+               for w, z in [(1.0, out.student_logits), (0.25, out.stone_logits[1]),
+                            (0.5, out.stone_logits[2]), (1.0, out.stone_logits[3])])  # fmt: skip
+    torch.testing.assert_close(out.loss, want.to(out.loss.dtype))
+    ensemble = torch.stack(list(out.stone_logits.values())).mean(0)
+    want_ens = _explicit_kd(out.student_logits, ensemble, 4.0).detach()
+    torch.testing.assert_close(out.losses["student_ens"], want_ens.to(out.loss.dtype))
+    assert all(out.loss_weights[k] == 0 and not out.losses[k].requires_grad
+               for k in out.losses if k.endswith("_ens"))  # fmt: skip
 
 
 def test_ensemble_gate_counts_the_term_only_while_the_stones_beat_the_student():

@@ -68,6 +68,8 @@ BAD_INPUTS = [
     (["--alpha", "nan"], "--alpha must be a finite number >= 0, got nan"),
     (["--method", "bwrf", "--init-from", "x.pt", "--alpha", "-1"], "--alpha must be a finite"),
     (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+    (["--method", "blockkd", "--teacher-from", "x.th", "--gamma", "-1"],
+     "--gamma must be a finite number >= 0, got -1.0"),
     (["--momentum", "-1"], "--momentum must be in [0, 1), got -1.0"),
     (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
     (["--workers", "-1"], "--workers must be >= 0 (0: load in the main process), got -1"),

@@ -32,7 +32,10 @@ def _add(group: argparse._ArgumentGroup) -> None:
         help="Block-KD's teacher weights (formats as --init-from); required for blockkd",
     )  # fmt: skip
     group.add_argument("--beta", type=float, default=1.0, help="Block-KD: weight of the stones")
-    group.add_argument("--gamma", type=float, default=1.0, help="Block-KD: ensemble term weight")
+    group.add_argument(
+        "--gamma", type=float, default=None,
+        help="Block-KD: weight of the ensemble term (default 0: off; 1 is the paper's loss, gated)",
+    )  # fmt: skip
     group.add_argument("--kd", default="kl", choices=("kl", "dkd"), help="Block-KD's KD loss")
 
 
@@ -40,7 +43,8 @@ def _check_options(config: RunConfig, used: bool) -> None:
     if not used and config.teacher_from is not None:
         raise UsageError("--teacher-from is Block-KD's teacher: use it with --method blockkd")
     for name in ("beta", "gamma"):
-        check_non_negative(name, config.method_options[name])
+        if config.method_options[name] is not None:
+            check_non_negative(name, config.method_options[name])
 
 
 def _check(config: RunConfig) -> None:
@@ -51,9 +55,9 @@ def _check(config: RunConfig) -> None:
 def build(parts: Parts) -> Method:
     config, options = parts.config, parts.config.method_options
     library_config = bwrf_ext.BlockKDConfig(
-        alpha=options["alpha"], beta=options["beta"], gamma=options["gamma"], kd=options["kd"],
+        alpha=options["alpha"], beta=options["beta"], kd=options["kd"],
         **given(temperature=options["temperature"], stone_weights=options["branch_weights"],
-                stones=options["branches"]),
+                stones=options["branches"], gamma=options["gamma"]),
     )  # fmt: skip
     student_split = parts.split(config.model, parts.net)
     branches.check_branches(library_config, student_split, options["branches"])
