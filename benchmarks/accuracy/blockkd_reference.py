@@ -14,7 +14,9 @@ gradient passing through) -> the teacher's pooling and linear head; every model 
 and each stone) has the loss ``CE(z_m, y) + KD_4(z_m || z_T)`` (``KD_T = T^2 * KL(softmax(z_T/T)
 || softmax(z_m/T))``, batch mean), stone i weighs ``1 / 2^(3-i)``, and ``--ensemble always``
 adds ``KD_4(z_m || mean_i z_i)`` (the stones' ensemble, detached) for every model.
-``--methods kd`` is the student's terms alone, ``ce`` its cross-entropy alone.
+``--methods kd`` is the student's terms alone, ``ce`` its cross-entropy alone. The crops pad
+the normalised image with zeros (mean grey); ``--pad black`` pads the image black before
+normalising, as bwrf-train and the teacher's own training do.
 
 Each run writes ``runs/results/blockkd-reference/<method>[_ens]_seed<k>.json`` (per-epoch test
 accuracy of the student, of each stone for Block-KD, and seconds); a finished run is skipped,
@@ -43,7 +45,8 @@ from bwrf_ext.models.pretrained import akamaster_weights_path, default_shared_di
 from bwrf_ext.train.checkpoint import fp_weights, load_into  # reads the weight file only
 
 RUNS = Path("runs/results/blockkd-reference")
-LABELS = {"ce": "CE", "kd": "KD", "blockkd": "Block-KD", "blockkd_ens": "Block-KD + ensemble"}
+LABELS = {"ce": "CE", "kd": "KD", "kd_padblack": "KD (independent: black padding)",
+          "blockkd": "Block-KD", "blockkd_ens": "Block-KD + ensemble"}  # fmt: skip
 BATCH = 128
 T = 4.0
 
@@ -76,7 +79,8 @@ def stone_logits(student: nn.Module, teacher: nn.Module, connectors: nn.ModuleLi
     return head(student, h), stones
 
 
-def train(method: str, seed: int, epochs: int, lr: float, ensemble: bool) -> dict:
+def train(method: str, seed: int, epochs: int, lr: float, ensemble: bool,
+          pad_black: bool = False) -> dict:  # fmt: skip
     torch.manual_seed(seed)
     data = load_cifar10_jpeg(default_shared_dir() / "data" / "cifar10_jpeg_q75" /
                              "cifar10_jpeg_q75.npz")  # fmt: skip
@@ -107,7 +111,11 @@ def train(method: str, seed: int, epochs: int, lr: float, ensemble: bool) -> dic
         order, total = torch.randperm(n, generator=g), 0.0
         for start in range(0, n - BATCH + 1, BATCH):
             index = order[start : start + BATCH]
-            x, y = augment(x_train[index], g), data["train_y"][index]
+            if pad_black:  # pad the image with black, then normalise (as the teacher trained)
+                x = normalize(augment(data["train_x"][index], g))
+            else:  # pad the normalised image with zeros (mean grey)
+                x = augment(x_train[index], g)
+            y = data["train_y"][index]
             if method == "ce":
                 loss = F.cross_entropy(student(x), y)
             else:
@@ -158,6 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--ensemble", choices=("off", "always"), default="off")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--pad",
+        choices=("mean", "black"),
+        default="mean",
+        help="crop padding: zeros after normalising (mean grey) or black pixels",
+    )
     parser.add_argument("--table-only", action="store_true", help="train nothing, tabulate")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -166,13 +180,15 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             ensemble = method == "blockkd" and args.ensemble == "always"
             name = f"{method}{'_ens' if ensemble else ''}_seed{seed}"
+            if args.pad == "black":
+                name = name.replace("_seed", "_padblack_seed")
             if args.epochs != 1 or args.lr != 0.1:
                 name += f"_ep{args.epochs}_lr{args.lr:g}"
             out = RUNS / f"{name}.json"
             if out.is_file():
                 print(f"[{name}] done before: {json.loads(out.read_text())['acc']:.2f} %")
                 continue
-            result = train(method, seed, args.epochs, args.lr, ensemble)
+            result = train(method, seed, args.epochs, args.lr, ensemble, args.pad == "black")
             out.write_text(json.dumps(result, indent=1) + "\n")
             print(f"[{name}] {result['acc']:.2f} %", flush=True)
     write_table()
@@ -204,7 +220,7 @@ def write_table() -> None:
         "|---|---:|---:|---:|---:|---|---|",
     ]
     rows = []
-    for key, label in LABELS.items():  # the keys name the suite's runs too
+    for key, label in LABELS.items():  # the keys name the suite's runs too (less "_padblack")
         found = {}
         for path in sorted(kept.glob(f"{key}_seed*.json")):
             if path.stem.removeprefix(f"{key}_seed").isdigit():
@@ -213,7 +229,8 @@ def write_table() -> None:
             continue
         ours, suite = {}, ACCURACY_RESULTS / "runs" / "blockkd-fp"
         for seed in found:
-            summary = suite / (key + (f"_seed{seed}" if seed else "")) / "summary.json"
+            run = key.removesuffix("_padblack") + (f"_seed{seed}" if seed else "")
+            summary = suite / run / "summary.json"
             if summary.is_file():
                 ours[seed] = json.loads(summary.read_text())["final"]["acc"]
         seeds = sorted(found)
