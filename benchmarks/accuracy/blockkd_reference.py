@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.accuracy.lsq_fidelity import augment, load_cifar10_jpeg, normalize
+from benchmarks.accuracy.lsq_fidelity import augment, cosine_sgd, load_cifar10_jpeg, normalize
 from bwrf_ext.models.cifar_resnet import cifar_resnet  # the architecture only
 from bwrf_ext.models.pretrained import akamaster_weights_path, default_shared_dir
 from bwrf_ext.train.checkpoint import fp_weights, load_into  # reads the weight file only
@@ -95,15 +94,12 @@ def train(method: str, seed: int, epochs: int, lr: float, ensemble: bool,
     trained = list(student.parameters())
     if method == "blockkd":
         trained += list(connectors.parameters())
-    optimizer = torch.optim.SGD(trained, lr=lr, momentum=0.9, weight_decay=1e-4)
     n = len(data["train_y"])
-    steps = epochs * (n // BATCH)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
-    )
+    step = cosine_sgd(trained, lr, epochs * (n // BATCH))
     stone_weights = [1 / 4, 1 / 2, 1.0]
     g = torch.Generator().manual_seed(seed)
-    x_train, x_test = normalize(data["train_x"]), normalize(data["test_x"])
+    x_train = None if pad_black else normalize(data["train_x"])
+    x_test = normalize(data["test_x"])
     started, history = time.perf_counter(), []
     for epoch in range(epochs):
         student.train()
@@ -131,18 +127,17 @@ def train(method: str, seed: int, epochs: int, lr: float, ensemble: bool,
                     loss = sum(w * (F.cross_entropy(z, y) + kd(z, z_t)
                                     + (kd(z, z_e) if ensemble else 0.0))
                                for w, z in models)  # fmt: skip
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item()
+            total += step(loss)
         student.eval()
         connectors.eval()
         correct = torch.zeros(4)
         with torch.no_grad():
             for start in range(0, len(x_test), 500):
                 x, y = x_test[start : start + 500], data["test_y"][start : start + 500]
-                z_s, stones = stone_logits(student, teacher, connectors, x)
+                if method == "blockkd":
+                    z_s, stones = stone_logits(student, teacher, connectors, x)
+                else:  # no trained stones to score
+                    z_s, stones = student(x), []
                 for k, z in enumerate([z_s, *stones]):
                     correct[k] += (z.argmax(1) == y).sum()
         acc = (100.0 * correct / len(x_test)).tolist()
@@ -223,8 +218,8 @@ def write_table() -> None:
     for key, label in LABELS.items():  # the keys name the suite's runs too (less "_padblack")
         found = {}
         for path in sorted(kept.glob(f"{key}_seed*.json")):
-            if path.stem.removeprefix(f"{key}_seed").isdigit():
-                found[int(path.stem.removeprefix(f"{key}_seed"))] = json.loads(path.read_text())
+            if (seed := path.stem.removeprefix(f"{key}_seed")).isdigit():
+                found[int(seed)] = json.loads(path.read_text())
         if not found:
             continue
         ours, suite = {}, ACCURACY_RESULTS / "runs" / "blockkd-fp"

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.accuracy.lsq_fidelity import augment, load_cifar10_jpeg
+from benchmarks.accuracy.lsq_fidelity import augment, cosine_sgd, load_cifar10_jpeg
 from bwrf_ext.models.cifar_resnet import cifar_resnet  # the architecture only
 from bwrf_ext.models.pretrained import default_shared_dir
 
@@ -49,13 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         return (images.float() / 255 - mean) / std
 
     model = cifar_resnet(args.depth, num_classes=10)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4,
-                                nesterov=True)  # fmt: skip
     n = len(data["train_y"])
-    steps = args.epochs * (n // BATCH)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
-    )
+    step = cosine_sgd(model.parameters(), args.lr, args.epochs * (n // BATCH), nesterov=True)
     g = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()
     for epoch in range(args.epochs):
@@ -64,12 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         for start in range(0, n - BATCH + 1, BATCH):
             index = order[start : start + BATCH]
             x = normalize(augment(data["train_x"][index], g))
-            loss = F.cross_entropy(model(x), data["train_y"][index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item()
+            total += step(F.cross_entropy(model(x), data["train_y"][index]))
         model.eval()
         correct = 0
         with torch.no_grad():

@@ -26,6 +26,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +141,28 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255 - mean) / std
 
 
+def cosine_sgd(
+    params, lr: float, steps: int, nesterov: bool = False
+) -> Callable[[torch.Tensor], float]:
+    """SGD (momentum 0.9, weight decay 1e-4), the rate decayed to 0 by a per-step cosine over
+    ``steps``; returns ``step(loss)``: backward, one optimiser and schedule step, ``loss.item()``.
+    The independent loops' optimiser (this one, ``fp_reference``, ``blockkd_reference``)."""
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4,
+                                nesterov=nesterov)  # fmt: skip
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
+    )
+
+    def step(loss: torch.Tensor) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        return loss.item()
+
+    return step
+
+
 def augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Random 32x32 crops of the 4-pixel zero-padded images, half of them mirrored."""
     n = images.shape[0]
@@ -169,20 +192,12 @@ def independent_run(
     model.train()  # the step sizes start on the first training batch, in its forward
     g = torch.Generator().manual_seed(seed)
     x_train = normalize(data["train_x"])
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    steps = epochs * (len(x_train) // batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps))
-    )
+    step = cosine_sgd(model.parameters(), lr, epochs * (len(x_train) // batch_size))
     for _ in range(epochs):
         order = torch.randperm(len(x_train), generator=g)
         for start in range(0, len(order) - batch_size + 1, batch_size):
             index = order[start:start + batch_size]
-            loss = F.cross_entropy(model(augment(x_train[index], g)), data["train_y"][index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+            step(F.cross_entropy(model(augment(x_train[index], g)), data["train_y"][index]))
     model.eval()
     correct = 0
     with torch.no_grad():

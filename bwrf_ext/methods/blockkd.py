@@ -54,10 +54,10 @@ class BlockKDConfig:
     are still reported, with weight 0): measured on CIFAR-10 (ResNet-56 -> ResNet-20, one
     epoch, 3 seeds, README "Block-KD") it cost a student trained from scratch 6.8 points even
     gated, and added 0.6 to a W2A2 student distilled from its FP weights; an independent
-    Block-KD without it matches ours. With
-    ``gamma > 0`` it is gated (``ensemble_gate``): it counts in a step only while the
-    ensemble classifies that batch better than the student does (freshly built connectors
-    make the stones near chance at first), and is reported with weight 0 otherwise. KD is
+    Block-KD without it matches ours. With ``gamma > 0`` it is gated (``ensemble_gate``): it
+    counts in a step only while the ensemble classifies that batch better than the student
+    does (freshly built connectors make the stones near chance at first), and is reported
+    with weight 0 otherwise. KD is
     ``T^2 * KL(softmax(target/T) || softmax(z/T))`` by default
     (:func:`bwrf_ext.losses.kd_loss`), or DKD (:func:`bwrf_ext.losses.dkd_loss`), or any
     :data:`KDFunction`.
