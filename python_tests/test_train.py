@@ -477,6 +477,48 @@ def test_blockkd_run_reports_stones_and_teacher(fp_run, tmp_path, capsys):
     assert "mlp has no block split" in capsys.readouterr().err
 
 
+def test_blockkd_kd_step_is_plain_kd(fp_run, tmp_path):
+    """``--method blockkd --branches none`` as bwrf-train builds it (teacher read, frozen, in
+    eval mode; the first training batch) takes the step of an independent CE + T^2 KL: same
+    loss, same gradients. The teacher here has BatchNorm, so a teacher left in train mode (or
+    any other teacher than the file's) would change the loss."""
+    from bwrf_ext.models.registry import build_model
+    from bwrf_ext.train import build, distributed
+    from bwrf_ext.train.config import parse_args
+
+    config = parse_args(["--method", "blockkd", "--branches", "none", "--teacher-model",
+                         "small_cnn", "--teacher-from", str(fp_run), "--temperature", "3",
+                         *QUICK, "--out", str(tmp_path / "kd")])  # fmt: skip
+    dist = distributed.setup(config.device)
+    built = build.build(config, dist, None)
+    loader, _ = build.loaders(config, dist, built.data)
+    loader.set_epoch(0)
+    x, y = next(iter(loader))
+    method = built.method
+    method.trainable.train()
+    terms = method.step(method.trainable, x, y, torch.autocast("cpu", enabled=False))
+
+    shape = built.data.shape
+    teacher = build_model("small_cnn", shape)
+    teacher.load_state_dict(load_checkpoint(fp_run)["model"])
+    teacher.eval()
+    student = build_model("small_cnn", shape)
+    student.load_state_dict(method.model.state_dict())
+    student.train()
+    with torch.no_grad():
+        target = torch.softmax(teacher(x) / 3, 1)
+    logits = student(x)
+    kd = 9 * torch.nn.functional.kl_div(torch.log_softmax(logits / 3, 1), target,
+                                        reduction="batchmean")  # fmt: skip
+    loss = torch.nn.functional.cross_entropy(logits, y) + kd
+    loss.backward()
+    assert terms["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert terms["student_kd"] == pytest.approx(kd.item(), rel=1e-5)
+    expected = dict(student.named_parameters())
+    for name, param in method.model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name].grad, msg=name)
+
+
 def test_contsup_run_logs_every_module(tmp_path):
     out = tmp_path / "contsup"
     args = ["--method", "contsup", "--model", "resnet20", "--contsup-k", "3",
