@@ -8,7 +8,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ce_and_kd", "dkd_loss", "kd_loss", "supervised_contrastive_loss"]
+__all__ = ["ce_and_kd", "dkd_loss", "kd_loss", "supervised_contrastive_loss", "upcast"]
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 at least: fp16/bf16 logits are lifted (their softmax and log-sum-exp would
+    overflow), float32 and float64 stay as they are."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class LossTerms:
@@ -54,7 +60,8 @@ def kd_loss(
         temperature: T > 0.
 
     Returns:
-        0-dim tensor, fp32 math (logits are upcast, so fp16/bf16 logits do not overflow).
+        0-dim tensor: fp32 for fp16/bf16/fp32 logits (lifted, so they do not overflow),
+        float64 when either is float64.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -63,8 +70,8 @@ def kd_loss(
         )
     if not temperature > 0:
         raise ValueError(f"kd_loss: temperature must be > 0, got {temperature}")
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    log_p_student = F.log_softmax(upcast(student_logits) / temperature, dim=1)
+    log_p_teacher = F.log_softmax(upcast(teacher_logits) / temperature, dim=1)
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
 
@@ -86,7 +93,7 @@ def ce_and_kd(
     Returns:
         Two 0-dim tensors.
     """
-    return F.cross_entropy(logits.float(), targets), kd_loss(logits, teacher_logits, temperature)
+    return F.cross_entropy(upcast(logits), targets), kd_loss(logits, teacher_logits, temperature)
 
 
 def dkd_loss(
@@ -138,12 +145,10 @@ def dkd_loss(
     if reduction not in ("mean", "none"):
         raise ValueError(f"dkd_loss: reduction must be 'mean' or 'none', got {reduction!r}")
     target_mask = F.one_hot(targets, classes).bool()
-    # fp16/bf16 logits are upcast so the log-sum-exps do not overflow; float64 stays float64.
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
 
     def parts(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log b (B, 2) and the renormalised non-target log-probabilities (B, C), 0 at t."""
-        z = logits.to(dtype) / temperature
+        z = upcast(logits) / temperature
         log_all = torch.logsumexp(z, dim=1)
         others = z.masked_fill(target_mask, float("-inf"))
         log_others = torch.logsumexp(others, dim=1)
@@ -182,14 +187,14 @@ def supervised_contrastive_loss(
         base_temperature: T_base (the loss is scaled by T / T_base).
 
     Returns:
-        0-dim fp32 tensor.
+        0-dim tensor, fp32 (float64 for float64 features).
     """
     if features.dim() != 2 or labels.shape != features.shape[:1]:
         raise ValueError(
             f"supervised_contrastive_loss: expected features (B, D) and labels (B,), got "
             f"{tuple(features.shape)} and {tuple(labels.shape)}"
         )
-    z = F.normalize(features.float(), dim=1)
+    z = F.normalize(upcast(features), dim=1)
     logits = z @ z.T / temperature
     self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
     # log-softmax over a != i; the diagonal is excluded by setting it to -inf.

@@ -114,6 +114,22 @@ def test_loss_and_gradients_match_plain_autograd():
             _assert_grad_close(got, want, name)
 
 
+def test_float64_models_keep_float64_losses():
+    """Every term of a float64 student and teacher is computed in float64 (no cast down to
+    float32): the default loss (CE + KD of the student and each stone) equals its float64
+    definition to 1e-10."""
+    teacher, student = _teacher().double(), _student().double()
+    x, y = _batch()
+    blockkd = BlockKD(student, teacher, BlockKDConfig(stones=(3,))).train()
+    out = blockkd(x.double(), y)
+    assert all(v.dtype == torch.float64 for v in out.losses.values())
+    expected = sum(
+        F.cross_entropy(z, y) + _explicit_kd(z, out.teacher_logits, 4.0)
+        for z in (out.student_logits, out.stone_logits[3])
+    )
+    torch.testing.assert_close(out.loss, expected, rtol=1e-10, atol=1e-10)
+
+
 def test_total_is_the_documented_combination_of_the_reported_terms():
     """Recomputes the total from ``losses`` with the documented weights, not loss_weights."""
     teacher, student = _teacher(), _student()

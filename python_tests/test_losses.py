@@ -55,9 +55,22 @@ def test_kd_decomposes_into_tckd_and_weighted_nckd():
     p_target = torch.softmax(t / temperature, 1)[torch.arange(5), y]
     for k in range(5):
         kd = kd_loss(s[k : k + 1], t[k : k + 1], temperature)
-        torch.testing.assert_close(
-            (tckd[k] + (1 - p_target[k]) * nckd[k]).double(), kd.double(), rtol=1e-5, atol=1e-6
-        )
+        assert kd.dtype == torch.float64  # float64 logits keep their precision
+        torch.testing.assert_close(tckd[k] + (1 - p_target[k]) * nckd[k], kd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_kd_loss_computes_in_float32_at_least(dtype):
+    """Half logits are lifted to float32, float64 ones stay float64; the value is the
+    definition T^2 KL(softmax(t/T) || softmax(s/T)) evaluated in float64 on the same logits."""
+    s, t, _ = _logits(batch=4, classes=7, seed=2)
+    s, t = s.to(dtype), t.to(dtype)
+    loss = kd_loss(s, t, 3.0)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    p_t = torch.softmax(t.double() / 3, 1)
+    expected = 9 * (p_t * (p_t.log() - torch.log_softmax(s.double() / 3, 1))).sum(1).mean()
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(loss.double(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_dkd_gradients_match_autograd_of_the_definition():

@@ -12,7 +12,7 @@ from torch import nn
 
 from bwrf_ext.engine.branches import check_separate, check_split_of
 from bwrf_ext.engine.split import BlockSplit, split_model
-from bwrf_ext.losses import LossTerms
+from bwrf_ext.losses import LossTerms, upcast
 
 
 class FrozenPartner:
@@ -268,7 +268,7 @@ class PartneredModule(nn.Module):
         logits = self.trained_model(x)
         terms = LossTerms()
         if y is not None:
-            terms.add(f"{self.roles.prefix}_ce", F.cross_entropy(logits.float(), y), 1.0)
+            terms.add(f"{self.roles.prefix}_ce", F.cross_entropy(upcast(logits), y), 1.0)
         return logits, terms
 
     def _partner_logits_and_shapes(

@@ -17,7 +17,7 @@ from torch import nn
 from bwrf_ext.engine.branches import normalize_branch_choice, resolve_branch_weights
 from bwrf_ext.engine.partner import PartneredModule, PartnerRoles, forward_with_branches
 from bwrf_ext.engine.split import BlockSplit, probing
-from bwrf_ext.losses import LossTerms, dkd_loss, kd_loss
+from bwrf_ext.losses import LossTerms, dkd_loss, kd_loss, upcast
 
 __all__ = [
     "BlockKD",
@@ -416,7 +416,7 @@ class BlockKD(PartneredModule):
 
         ensemble, ensemble_active = None, False
         if stone_logits:
-            ensemble = torch.stack([z.float() for z in stone_logits.values()]).mean(0)
+            ensemble = torch.stack([upcast(z) for z in stone_logits.values()]).mean(0)
             if config.detach_ensemble:
                 ensemble = ensemble.detach()
             ensemble_active = config.gamma > 0 and not warming_up and (
@@ -435,7 +435,7 @@ class BlockKD(PartneredModule):
                 # A weight-0 term is reported only: computed on detached logits, out of the graph.
                 z = logits if w else logits.detach()
                 if target is None:
-                    value = F.cross_entropy(z.float(), y)
+                    value = F.cross_entropy(upcast(z), y)
                 else:
                     value = config.kd_term(z, target, y)
                 terms.add(f"{name}_{suffix}", value, w)

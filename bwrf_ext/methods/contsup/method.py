@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bwrf_ext.engine import BlockSplit, probing, split_model
-from bwrf_ext.losses import LossTerms, supervised_contrastive_loss
+from bwrf_ext.losses import LossTerms, supervised_contrastive_loss, upcast
 from bwrf_ext.methods.contsup.config import ContSupConfig, parse_context
 from bwrf_ext.methods.contsup.cost import ContSupCost, probe_units
 from bwrf_ext.methods.contsup.modules import AuxHead, ContextProjector, ReconstructionDecoder
@@ -261,7 +261,7 @@ class ContSup(nn.Module):
         for m, h in self._walk(x):
             if m == self.num_modules:
                 logits = self.split.head(h)
-                ce = F.cross_entropy(logits.float(), y)
+                ce = F.cross_entropy(upcast(logits), y)
                 ce.backward()
                 out.logits = logits.detach()
                 final = LossTerms(keep_zero_weights=True)
@@ -293,7 +293,7 @@ class ContSup(nn.Module):
         local = self.heads[m - 1](h)
         terms = LossTerms(keep_zero_weights=True)
         if config.local_loss == "ce":
-            terms.add(f"module{m}_ce", F.cross_entropy(local.float(), y), local_weight)
+            terms.add(f"module{m}_ce", F.cross_entropy(upcast(local), y), local_weight)
         else:
             value = supervised_contrastive_loss(
                 local, y, config.supcon_temperature, config.supcon_base_temperature
@@ -302,7 +302,7 @@ class ContSup(nn.Module):
         if config.reconstruction:
             recon = self.decoders[m - 1](h, x.shape[-2:])
             target = self._image_target(x)
-            terms.add(f"module{m}_recon", F.binary_cross_entropy_with_logits(recon.float(), target),
+            terms.add(f"module{m}_recon", F.binary_cross_entropy_with_logits(upcast(recon), target),
                       recon_weight)  # fmt: skip
         return terms, local
 
