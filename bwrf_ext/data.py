@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from bwrf_ext.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, default_shared_dir
@@ -149,16 +148,15 @@ class InMemoryImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]
-        if self.augment != "none":
+        if self.augment == "none":
+            image = self.images[index]
+        else:  # the loader's crop_flip on a batch of one, drawn from the sample's own stream
             rng = np.random.default_rng((self.seed, self.epoch, int(index)))
-            if self.augment == "crop-flip" and self.padding:
-                p = self.padding
-                dy, dx = rng.integers(0, 2 * p + 1, size=2)
-                h, w = image.shape[-2:]
-                image = F.pad(image, (p, p, p, p))[:, dy : dy + h, dx : dx + w]
-            if rng.random() < 0.5:
-                image = image.flip(-1)
+            padding = self.padding if self.augment == "crop-flip" else 0
+            dy, dx = rng.integers(0, 2 * padding + 1, size=2) if padding else (0, 0)
+            flip = int(rng.random() < 0.5)
+            one = [torch.tensor([int(v)]) for v in (index, dy, dx, flip)]
+            image = crop_flip(self.images, *one, padding)[0]
         return normalize(image, self.mean, self.std, self.rgb), int(self.labels[index])
 
 
