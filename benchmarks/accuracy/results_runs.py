@@ -25,7 +25,7 @@ is skipped, an interrupted one resumed, so the script can be restarted), up to `
 at a time after the FP run, then copies each run's raw records (metrics.jsonl, summary.json,
 log.txt, accuracy.png) to ``benchmarks/results/accuracy/runs/<suite>/<name>/`` and writes the
 table to ``benchmarks/results/accuracy/results_table_<suites>_<device>.md`` and ``.json`` with the
-commands.
+commands (named after the suites asked for; a suite that only lends its FP start is not named).
 ``--table-only`` starts no run; where ``runs/results`` lacks a run (a fresh clone), it
 tabulates the kept records.
 
@@ -547,7 +547,8 @@ def write_table(table: dict[str, Suite], rows: list[Row]) -> None:
                   "| data | model | bits | methods | epochs | seeds | difference (points) | "
                   "per seed |", "|---|---|---|---|---:|---:|---:|---|", *paired]  # fmt: skip
     suites_run = sorted({r.suite for r in rows})
-    notes = "; ".join(f"{table[k].label}: {table[k].fp_note}" for k in suites_run)
+    # A suite that starts from another suite's FP run shares its note: say it once.
+    notes = "; ".join(dict.fromkeys(f"{table[k].label}: {table[k].fp_note}" for k in suites_run))
     teachers = {r.summary["final"]["acc_teacher"] for r in rows
                 if "acc_teacher" in r.summary["final"]}  # fmt: skip
     lines += ["", f"Starts: {notes}."]
@@ -555,7 +556,9 @@ def write_table(table: dict[str, Suite], rows: list[Row]) -> None:
         lines += ["", "Teacher test accuracy: " + ", ".join(f"{t:.2f} %" for t in teachers) + "."]
     lines += ["", "Commands (seed <s> adds `--seed <s>`):", ""]
     lines += dict.fromkeys(f"- `{command_line(r.options)}`" for r in rows)  # seeds share one
-    stem = RESULTS_DIR / f"results_table_{'_'.join(suites_run)}_{device}"
+    # Named after the suites whose methods it holds, not one that only lends its FP start.
+    own = [s for s in suites_run if any(r.suite == s and r.variant != "fp" for r in rows)]
+    stem = RESULTS_DIR / f"results_table_{'_'.join(own or suites_run)}_{device}"
     for suite in suites_run:  # accuracy against bits, and per epoch where runs are longer
         plots = []
         suite_rows = [r for r in rows if r.suite == suite]
