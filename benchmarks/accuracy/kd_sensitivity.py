@@ -40,18 +40,15 @@ def distance(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return float((wa - wb).norm() / wb.norm())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def trajectories(steps: int = 12, seed: int = 0) -> list[dict[str, float]]:
+    """Per step: both loops' losses and the two relative weight distances (see the module)."""
     torch.set_num_threads(1)
     shared = default_shared_dir()
     teacher_path = str(akamaster_weights_path(56))
     config = parse_args([
         "--dataset", "cifar10", "--data-dir", str(shared / "data" / "cifar10_jpeg_q75"),
         "--model", "resnet20", "--method", "blockkd", "--branches", "none", "--teacher-from",
-        teacher_path, "--normalization", "imagenet", "--lr", "0.1", "--seed", str(args.seed),
+        teacher_path, "--normalization", "imagenet", "--lr", "0.1", "--seed", str(seed),
         "--out", "runs/kd_sensitivity", "--threads", "1",
     ])  # fmt: skip
     dist = distributed.setup(config.device)
@@ -67,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     independent = cifar_resnet(20, num_classes=10)
     independent.load_state_dict(ours.model.state_dict())
     perturbed = copy.deepcopy(independent)
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in perturbed.parameters():
             p.mul_(1 + 3e-8 * torch.randn(p.shape, generator=generator))
@@ -75,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
              for net in (independent, perturbed)]  # fmt: skip
 
     ours.trainable.train()
-    print("step | loss ours | loss independent | ours vs independent | independent vs perturbed")
-    for k, (x, y) in enumerate(itertools.islice(loader, args.steps)):
+    rows = []
+    for x, y in itertools.islice(loader, steps):
         optimizer.zero_grad(set_to_none=True)
         loss_ours = ours.step(ours.trainable, x, y, torch.autocast("cpu", enabled=False))["loss"]
         optimizer.step()
@@ -87,9 +84,23 @@ def main(argv: list[str] | None = None) -> None:
         for net, step in loops:
             logits = net(x)
             losses.append(step(F.cross_entropy(logits, y) + kd(logits, target)))
-        print(f"{k + 1:4d} | {loss_ours:9.5f} | {losses[0]:16.5f} | "
-              f"{distance(ours.model, independent):19.2e} | "
-              f"{distance(independent, perturbed):24.2e}")  # fmt: skip
+        rows.append({"loss_ours": loss_ours, "loss_independent": losses[0],
+                     "ours_vs_independent": distance(ours.model, independent),
+                     "independent_vs_perturbed": distance(independent, perturbed)})  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print("step | loss ours | loss independent | ours vs independent | independent vs perturbed")
+    for k, row in enumerate(trajectories(args.steps, args.seed)):
+        print(
+            f"{k + 1:4d} | {row['loss_ours']:9.5f} | {row['loss_independent']:16.5f} | "
+            f"{row['ours_vs_independent']:19.2e} | {row['independent_vs_perturbed']:24.2e}"
+        )
 
 
 if __name__ == "__main__":
