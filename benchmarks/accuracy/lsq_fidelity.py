@@ -8,7 +8,9 @@ CIFAR-10 JPEG copy, first/last layer 8-bit, SGD lr 0.01 cosine, batch 128, from 
 FP weights by default), and one epoch of the plain-PyTorch LSQ below, written from the paper
 (Esser et al. 2020) and importing none of bwrf_ext's quantizers, data pipeline or training loop
 (only the ResNet-20 definition and the weight-file reader). It prints both test accuracies and
-their difference, and writes ``benchmarks/results/accuracy/lsq_fidelity_<device>.md`` and ``.json``.
+their difference, and writes
+``benchmarks/results/accuracy/lsq_fidelity_<start>_init-<init>[_ep<n>]_<device>.md`` and ``.json``,
+keeping the pairs of earlier calls with other bits or seeds (a table grows seed by seed).
 A library whose LSQ trails this loop by more than the seeds' spread has a bug: that is how the
 ATen clip test and the eval-mode calibration were found (issue 16).
 
@@ -289,6 +291,16 @@ def main(argv: list[str] | None = None) -> None:
         acc = summary["final"]["acc"] if kind == "ours" else summary["acc"]
         table.setdefault(bits, {}).setdefault(kind, {})[seed] = acc
     device = describe_device(torch.device("cpu"))[0]
+    epochs = "" if args.epochs == 1 else f"_ep{args.epochs}"
+    stem = RESULTS_DIR / f"lsq_fidelity_{tag}_init-{args.step_init}{epochs}_{device}"
+    # The table grows run by run: pairs of earlier calls (other bits or seeds) are kept, this
+    # call's results replace theirs.
+    if stem.with_suffix(".json").is_file():
+        for row in json.loads(stem.with_suffix(".json").read_text()):
+            for kind, key in (("ours", "ours"), ("paper", "independent")):
+                kept = table.setdefault(row["bits"], {}).setdefault(kind, {})
+                for seed, acc in zip(row["seeds"], row[key], strict=True):
+                    kept.setdefault(seed, acc)
     lines = [
         "# LSQ fidelity: bwrf-train against an independent plain-PyTorch LSQ, same budget",
         "",
@@ -313,7 +325,6 @@ def main(argv: list[str] | None = None) -> None:
             + " ; ".join(f"{o:.2f} / {p:.2f}" for o, p in zip(ours, paper, strict=True)) + " |"
         )
         rows.append({"bits": bits, "seeds": seeds, "ours": ours, "independent": paper})
-    stem = RESULTS_DIR / f"lsq_fidelity_{tag}_init-{args.step_init}_{device}"
     write_results(stem, lines, rows)
 
 
