@@ -178,9 +178,11 @@ def augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def independent_run(
     bits: int, seed: int, init_from: str, data_dir: Path, epochs: int = 1, lr: float = 0.01,
-    batch_size: int = 128,
+    batch_size: int = 128, pad_black: bool = False,
 ) -> dict:  # fmt: skip
-    """Trains ResNet-20 LSQ W<bits>A<bits> with plain PyTorch; returns its test accuracy."""
+    """Trains ResNet-20 LSQ W<bits>A<bits> with plain PyTorch; returns its test accuracy.
+    The crops pad the normalised image with zeros (mean grey), or with ``pad_black`` the image
+    with black before normalising (as bwrf-train and the akamaster training pad)."""
     from bwrf_ext.models.cifar_resnet import cifar_resnet  # the architecture only
     from bwrf_ext.train.checkpoint import fp_weights, load_into  # reads the weight file only
 
@@ -193,13 +195,15 @@ def independent_run(
     paper_quantize(model, bits)
     model.train()  # the step sizes start on the first training batch, in its forward
     g = torch.Generator().manual_seed(seed)
-    x_train = normalize(data["train_x"])
+    x_train = data["train_x"] if pad_black else normalize(data["train_x"])
     step = cosine_sgd(model.parameters(), lr, epochs * (len(x_train) // batch_size))
     for _ in range(epochs):
         order = torch.randperm(len(x_train), generator=g)
         for start in range(0, len(order) - batch_size + 1, batch_size):
             index = order[start:start + batch_size]
-            step(F.cross_entropy(model(augment(x_train[index], g)), data["train_y"][index]))
+            x = augment(x_train[index], g)
+            x = normalize(x) if pad_black else x
+            step(F.cross_entropy(model(x), data["train_y"][index]))
     model.eval()
     correct = 0
     with torch.no_grad():
@@ -208,18 +212,19 @@ def independent_run(
             logits = model(x_test[start:start + 500])
             correct += int((logits.argmax(1) == data["test_y"][start:start + 500]).sum())
     return {"acc": 100.0 * correct / len(x_test), "wall_s": time.perf_counter() - started,
-            "bits": bits, "seed": seed, "init_from": init_from, "epochs": epochs}  # fmt: skip
+            "bits": bits, "seed": seed, "init_from": init_from, "epochs": epochs,
+            "pad": "black" if pad_black else "grey"}  # fmt: skip
 
 
 # ------------------------------------------------------------------ the side-by-side driver
 def _independent_job(bits: int, seed: int, args: argparse.Namespace) -> dict:
-    out = RUNS / f"paper_w{bits}a{bits}" / f"seed{seed}"
+    out = _independent_dir(bits, seed, args)
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "benchmarks.accuracy.lsq_fidelity", "--independent-only",
                "--bits", str(bits), "--seeds", str(seed), "--init-from", args.init_from,
-               "--epochs", str(args.epochs)]  # fmt: skip
+               "--epochs", str(args.epochs), "--pad", args.pad]  # fmt: skip
     if args.threads:
         command += ["--threads", str(args.threads)]
     import subprocess
@@ -229,6 +234,11 @@ def _independent_job(bits: int, seed: int, args: argparse.Namespace) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"independent run W{bits} seed {seed} failed: see {out}/console.txt")
     return json.loads((out / "summary.json").read_text())
+
+
+def _independent_dir(bits: int, seed: int, args: argparse.Namespace) -> Path:
+    pad = "" if args.pad == "grey" else f"_pad{args.pad}"
+    return RUNS / f"paper{pad}_w{bits}a{bits}" / f"seed{seed}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -248,6 +258,11 @@ def main(argv: list[str] | None = None) -> None:
         help="bwrf-train's step-size init; the independent loop always uses the paper's (lsq), "
         "so lsq compares like with like",
     )  # fmt: skip
+    parser.add_argument(
+        "--pad", default="grey", choices=("grey", "black"),
+        help="the independent loop's crop padding: zeros after normalising (mean grey) or "
+        "black pixels before (as bwrf-train pads)",
+    )  # fmt: skip
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--independent-only", action="store_true", help=argparse.SUPPRESS)
@@ -259,8 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.independent_only:  # one run of the independent loop, in its own process
         for bits in args.bits:
             for seed in args.seeds:
-                summary = independent_run(bits, seed, args.init_from, data_dir, args.epochs)
-                out = RUNS / f"paper_w{bits}a{bits}" / f"seed{seed}"
+                summary = independent_run(bits, seed, args.init_from, data_dir, args.epochs,
+                                          pad_black=args.pad == "black")  # fmt: skip
+                out = _independent_dir(bits, seed, args)
                 out.mkdir(parents=True, exist_ok=True)
                 (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
                 print(json.dumps(summary))
@@ -292,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         table.setdefault(bits, {}).setdefault(kind, {})[seed] = acc
     device = describe_device(torch.device("cpu"))[0]
     epochs = "" if args.epochs == 1 else f"_ep{args.epochs}"
-    stem = RESULTS_DIR / f"lsq_fidelity_{tag}_init-{args.step_init}{epochs}_{device}"
+    pad = "" if args.pad == "grey" else f"_pad-{args.pad}"
+    stem = RESULTS_DIR / f"lsq_fidelity_{tag}_init-{args.step_init}{epochs}{pad}_{device}"
     # The table grows run by run: pairs of earlier calls (other bits or seeds) are kept, this
     # call's results replace theirs.
     if stem.with_suffix(".json").is_file():
@@ -307,8 +324,9 @@ def main(argv: list[str] | None = None) -> None:
         f"ResNet-20 from `{args.init_from.replace(str(default_shared_dir()), '../shared')}`, "
         f"CIFAR-10 JPEG-q75 copy, {args.epochs} epoch(s), SGD lr 0.01 cosine, batch 128, "
         f"first/last layer 8-bit; bwrf-train with `--step-init {args.step_init}`, the "
-        "independent loop with the paper's init; written by "
-        "`python -m benchmarks.accuracy.lsq_fidelity`.",
+        "independent loop with the paper's init and crops padded "
+        f"{'black (as bwrf-train pads)' if args.pad == 'black' else 'mean grey'}; written by "
+        f"`python -m benchmarks.accuracy.lsq_fidelity{' --pad black' * (args.pad == 'black')}`.",
         "",
         "| bits | seeds | bwrf-train LSQ (%) | independent LSQ (%) | ours − independent |"
         " per seed (ours / independent) |",
