@@ -1,18 +1,19 @@
-"""kd_sensitivity on real data, two steps: the diagnostic runs, and its premise holds (the first
-step of bwrf-train's plain KD is the independent loop's step)."""
+"""same_stream on real data, two steps: the diagnostic runs, and its premise holds (the first
+step of bwrf-train's plain KD, and of its LSQ, is the independent loop's step)."""
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.accuracy import kd_sensitivity
+from benchmarks.accuracy import same_stream
 
 
-def test_first_step_is_the_independent_step():
-    shared = kd_sensitivity.default_shared_dir()
+@pytest.mark.parametrize("method", ["kd", "lsq"])
+def test_first_step_is_the_independent_step(method):
+    shared = same_stream.default_shared_dir()
     if not (shared / "data" / "cifar10_jpeg_q75").is_dir():
         pytest.skip(f"no CIFAR-10 JPEG copy under {shared} (a user's machine)")
-    first, second = kd_sensitivity.trajectories(steps=2)
+    (first, second), _ = same_stream.trajectories(method, steps=2)
     assert first["loss_ours"] == pytest.approx(first["loss_independent"], rel=1e-6)
     # One update apart: only float rounding separates the two loops' weights.
     assert first["ours_vs_independent"] < 1e-6
