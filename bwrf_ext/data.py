@@ -37,6 +37,9 @@ DEFAULT_AUGMENT = {
     "imagefolder": "crop-flip",
 }
 AUGMENTS = ("none", "flip", "crop-flip")
+# What fills the border of a random crop: black pixels (torchvision's RandomCrop) or the data
+# set's mean pixel, which normalises to about 0 (measured better for LSQ: see the README).
+PAD_FILLS = ("black", "mean")
 # The share of a GPU's free memory a data set may take to be held there (CIFAR-10: 150 MB).
 DEVICE_SHARE = 0.25
 CIFAR10_JPEG_NPZ = "cifar10_jpeg_q75.npz"
@@ -92,9 +95,11 @@ class InMemoryImages(Dataset):
         images: (N, C, H, W) uint8.
         labels: (N,) int64.
         mean, std: per-channel normalisation of the [0, 1] pixels.
-        augment: "none", "flip" or "crop-flip" (random crop with zero padding H/8, then flip).
+        augment: "none", "flip" or "crop-flip" (random crop with padding H/8, then flip).
         seed: base seed of the augmentation; sample i of epoch e uses the stream (seed, e, i).
         rgb: repeat a single channel three times (for models with an RGB stem).
+        pad_fill: the crops' border, "black" (0) or "mean" (the normalisation mean's pixel,
+            ``round(255 * mean)`` per channel: about 0 once normalised).
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class InMemoryImages(Dataset):
         augment: str = "none",
         seed: int = 0,
         rgb: bool = False,
+        pad_fill: str = "black",
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(
@@ -114,6 +120,10 @@ class InMemoryImages(Dataset):
             )
         if augment not in AUGMENTS:
             raise ValueError(f"InMemoryImages: augment must be one of {AUGMENTS}, got {augment!r}")
+        if pad_fill not in PAD_FILLS:
+            raise ValueError(
+                f"InMemoryImages: pad_fill must be one of {PAD_FILLS}, got {pad_fill!r}"
+            )
         self.images = images
         self.labels = labels.long()
         channels = images.shape[1] * (3 if rgb and images.shape[1] == 1 else 1)
@@ -124,6 +134,14 @@ class InMemoryImages(Dataset):
         self.rgb = rgb
         self.epoch = 0
         self.padding = images.shape[-1] // 8
+        self.pad_fill = pad_fill
+        # The border pixel per image channel (a grayscale image repeated for an RGB model takes
+        # the mean of the repeated channels' means); None: black, crop_flip's fast path.
+        self.fill = None
+        if pad_fill == "mean":
+            means, c = torch.tensor(mean, dtype=torch.float64), images.shape[1]
+            means = means.view(c, -1).mean(1) if means.numel() % c == 0 else means.mean().expand(c)
+            self.fill = (means * 255).round().to(torch.uint8)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -139,7 +157,7 @@ class InMemoryImages(Dataset):
         # repeat once (the same float32 values).
         subset = InMemoryImages(
             self.images[index], self.labels[index], tuple(self.mean.flatten().tolist()),
-            tuple(self.std.flatten().tolist()), self.augment, self.seed, self.rgb,
+            tuple(self.std.flatten().tolist()), self.augment, self.seed, self.rgb, self.pad_fill,
         )  # fmt: skip
         subset.set_epoch(self.epoch)
         return subset
@@ -156,7 +174,7 @@ class InMemoryImages(Dataset):
             dy, dx = rng.integers(0, 2 * padding + 1, size=2) if padding else (0, 0)
             flip = int(rng.random() < 0.5)
             one = [torch.tensor([int(v)]) for v in (index, dy, dx, flip)]
-            image = crop_flip(self.images, *one, padding)[0]
+            image = crop_flip(self.images, *one, padding, self.fill)[0]
         return normalize(image, self.mean, self.std, self.rgb), int(self.labels[index])
 
 
@@ -192,9 +210,9 @@ class InMemoryLoader:
     pixels included, is the same for any number of processes, and an epoch started anew after
     :meth:`set_epoch` (a resumed run) is the same as in an uninterrupted run.
 
-    Crop-flip is RandomCrop(H, padding=W // 8) with zero padding, then a horizontal flip with
-    probability 1/2, as the per-sample items do, but the stream differs from theirs (one draw
-    per batch, not per image): runs before issue 20 saw other crops.
+    Crop-flip is RandomCrop(H, padding=W // 8) (its border: the set's ``pad_fill``), then a
+    horizontal flip with probability 1/2, as the per-sample items do, but the stream differs
+    from theirs (one draw per batch, not per image): runs before issue 20 saw other crops.
 
     Args:
         dataset: the images with their normalisation, augmentation and seed.
@@ -293,7 +311,7 @@ class InMemoryLoader:
         else:
             # Drawn for the whole global batch; this process keeps its columns.
             dy, dx, flip = self.draws(k, global_size)[:, self.rank :: self.world_size]
-            images = crop_flip(self.images, index, dy, dx, flip, self.padding)
+            images = crop_flip(self.images, index, dy, dx, flip, self.padding, self.dataset.fill)
         x = normalize(
             images.to(self.device, non_blocking=True), self.mean, self.std, self.dataset.rgb
         )
@@ -307,18 +325,21 @@ def crop_flip(
     dx: torch.Tensor,
     flip: torch.Tensor,
     padding: int,
+    fill: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Windows of zero-padded images, some mirrored: one gather, no padded copy.
+    """Windows of padded images, some mirrored: one gather, no padded copy.
 
     Image j of the result is ``F.pad(images[index[j]], (p,) * 4)[:, dy[j] : dy[j] + H,
-    dx[j] : dx[j] + W]``, flipped left-right where ``flip[j]`` is 1.
+    dx[j] : dx[j] + W]`` with the border filled by ``fill``, flipped left-right where
+    ``flip[j]`` is 1.
 
     Args:
         images: (N, C, H, W) uint8, the whole set (contiguous), on any device.
         index: (B,) int64 on CPU, the images to take.
         dy, dx: (B,) int64 on CPU in [0, 2 * padding], the window's corner in the padded image.
         flip: (B,) int64 on CPU, 0 or 1.
-        padding: p, the zero border on each side.
+        padding: p, the border on each side.
+        fill: (C,) uint8, the border's pixel per channel; None: black (0).
 
     Returns:
         (B, C, H, W) uint8 on the images' device.
@@ -337,8 +358,11 @@ def crop_flip(
     row_at, col_at, row_in, col_in = tables.split([h, w, h, w], 1)
     channel_at = torch.arange(0, c * h * w, h * w, device=images.device)[:, None, None]
     linear = row_at[:, None, :, None] + channel_at + col_at[:, None, None, :]
-    inside = (row_in[:, None, :, None] & col_in[:, None, None, :]).to(torch.uint8)
-    return torch.take(images, linear) * inside
+    inside = row_in[:, None, :, None] & col_in[:, None, None, :]
+    if fill is None:
+        return torch.take(images, linear) * inside.to(torch.uint8)
+    border = fill.to(images.device, non_blocking=True).view(1, c, 1, 1)
+    return torch.where(inside.bool(), torch.take(images, linear), border)
 
 
 def _fits(images: torch.Tensor, device: torch.device) -> bool:
@@ -361,6 +385,7 @@ def load_image_data(
     *,
     download: bool = False,
     augment: str = "auto",
+    pad_fill: str = "black",
     normalization: str = "dataset",
     seed: int = 0,
     rgb: bool = False,
@@ -374,6 +399,8 @@ def load_image_data(
             ``/usr/share/datasets``); ignored for digits.
         download: fetch CIFAR or Fashion-MNIST into data_dir with torchvision if it is absent.
         augment: "auto" (the data set's usual: DEFAULT_AUGMENT), or one of AUGMENTS.
+        pad_fill: the random crops' border (one of PAD_FILLS; in-memory sets, whose crops
+            pad: imagefolder's RandomResizedCrop does not).
         normalization: "dataset" (the training split's own per-channel statistics) or
             "imagenet" (ImageNet's mean/std, which the ../shared CIFAR ResNet weights expect);
             imagefolder always uses ImageNet's.
@@ -394,6 +421,8 @@ def load_image_data(
         augment = DEFAULT_AUGMENT[name]
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be 'auto' or one of {AUGMENTS}, got {augment!r}")
+    if pad_fill not in PAD_FILLS:
+        raise ValueError(f"pad_fill must be one of {PAD_FILLS}, got {pad_fill!r}")
     if normalization not in ("dataset", "imagenet"):
         raise ValueError(
             f"normalization must be 'dataset' or 'imagenet', got {normalization!r}"
@@ -424,7 +453,7 @@ def load_image_data(
     )
     return ImageData(
         name,
-        InMemoryImages(*train, mean, std, augment, seed, rgb),
+        InMemoryImages(*train, mean, std, augment, seed, rgb, pad_fill),
         InMemoryImages(*test, mean, std, "none", seed, rgb),
         shape,
         classes,

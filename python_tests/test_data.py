@@ -83,6 +83,34 @@ def test_subset_is_those_images_in_that_order_normalised_alike():
     assert torch.equal(kept.images, images[[2, 0]])
 
 
+@pytest.mark.parametrize(
+    ("channels", "mean", "rgb", "fill"),
+    [(3, IMAGENET_MEAN, False, [124, 116, 104]), (1, IMAGENET_MEAN, True, [114]),
+     (3, (0.5,), False, [128] * 3), (1, (0.3,), False, [76])],
+)  # fmt: skip
+def test_mean_fill_is_the_normalisation_mean_pixel(channels, mean, rgb, fill):
+    """pad_fill="mean" borders the crops with round(255 * mean) per channel (a grayscale image
+    for an RGB model: the mean of the three means), about 0 once normalised; the per-sample
+    items and subset() use it too; an unknown fill is refused, naming the argument."""
+    images = torch.full((16, channels, 8, 8), 255, dtype=torch.uint8)  # white: the border shows
+    ds = InMemoryImages(images, torch.arange(16), mean, (0.25,), "crop-flip", 1, rgb, "mean")
+    assert ds.fill.tolist() == fill
+    x, _ = next(iter(InMemoryLoader(ds, 16, shuffle=True)))
+    items = torch.stack([ds[i][0] for i in range(16)])
+    for batch in (x, items):
+        border = batch[batch < 1.0]  # white normalises to >= 2, the border to about 0
+        assert border.numel() > 0
+        # Within half a grey level of 0; a grayscale border repeated to RGB cannot be 0 in all
+        # three channels at once (their means differ), only in their mean.
+        limit = 0.5 / 255 / 0.25 + 1e-6 if not rgb else 0.2
+        assert border.abs().max() < limit
+    assert ds.subset([1, 2]).pad_fill == "mean"
+    with pytest.raises(ValueError, match="pad_fill must be one of"):
+        InMemoryImages(images, torch.arange(4), mean, (0.25,), "crop-flip", pad_fill="grey")
+    with pytest.raises(ValueError, match="pad_fill must be one of"):
+        load_image_data("digits", pad_fill="white")
+
+
 def expected_batches(ds: InMemoryImages, batch: int, epoch: int) -> list[tuple]:
     """The documented stream of InMemoryLoader(ds, batch, shuffle=True, drop_last=True) in
     ``epoch``, built per image with F.pad, slicing and flip (the per-sample items' ops)."""
@@ -97,8 +125,11 @@ def expected_batches(ds: InMemoryImages, batch: int, epoch: int) -> list[tuple]:
         dy, dx = rng.integers(0, 2 * p + 1, size=(2, batch))
         flips = rng.random(batch) < 0.5
         images = []
+        fill = [0] * ds.images.shape[1] if ds.fill is None else ds.fill.tolist()
         for j, i in enumerate(index.tolist()):
-            image = F.pad(ds.images[i], (p, p, p, p))[:, dy[j] : dy[j] + h, dx[j] : dx[j] + w]
+            padded = torch.stack([F.pad(channel, (p, p, p, p), value=value)
+                                  for channel, value in zip(ds.images[i], fill, strict=True)])
+            image = padded[:, dy[j] : dy[j] + h, dx[j] : dx[j] + w]
             x = (image.flip(-1) if flips[j] else image).float() / 255.0
             if ds.rgb:
                 x = x.expand(3, -1, -1)
@@ -107,12 +138,15 @@ def expected_batches(ds: InMemoryImages, batch: int, epoch: int) -> list[tuple]:
     return batches
 
 
-def test_batched_crops_and_flips_are_the_documented_draws():
+@pytest.mark.parametrize("pad_fill", ["black", "mean"])
+def test_batched_crops_and_flips_are_the_documented_draws(pad_fill):
     """Batch k of epoch e: the permutation seeded with seed + e (DistributedSampler's), crops
-    and flips from one generator seeded by (seed, e, k); a fresh loader set to epoch e (a
-    resumed run) gives the same batches as one that went through the epochs before."""
+    and flips from one generator seeded by (seed, e, k), the border black or the mean pixel;
+    a fresh loader set to epoch e (a resumed run) gives the same batches as one that went
+    through the epochs before."""
     images = torch.randint(0, 256, (22, 1, 16, 16), dtype=torch.uint8)
-    ds = InMemoryImages(images, torch.arange(22) % 5, (0.4,), (0.3,), "crop-flip", 7, rgb=True)
+    ds = InMemoryImages(images, torch.arange(22) % 5, (0.4,), (0.3,), "crop-flip", 7, rgb=True,
+                        pad_fill=pad_fill)  # fmt: skip
     loader = InMemoryLoader(ds, 4, shuffle=True, drop_last=True)
     assert len(loader) == 5
     seen = []

@@ -814,3 +814,24 @@ def test_help_shows_no_default_for_flags(capsys):
     assert flag_lines and not any("default" in line for line in flag_lines), flag_lines
     assert not re.search(r"\(default: (True|False|None)\)", text)
     assert "(default: fp)" in text and "precision (default: 8)" in text  # valued options keep it
+
+
+def test_pad_fill_reaches_the_training_crops(tmp_path):
+    """--pad-fill mean gives the training set the mean-pixel border (black by default); the
+    CLI refuses other values naming the option."""
+    from bwrf_ext.train import build, distributed
+    from bwrf_ext.train.config import parse_args
+    from bwrf_ext.train.errors import UsageError
+
+    dist = distributed.setup("cpu")
+    for fill, expected in (([], None), (["--pad-fill", "mean"], "mean")):
+        config = parse_args([*QUICK, "--augment", "crop-flip", *fill, "--out", str(tmp_path)])
+        data = build._data(config, dist, "dataset")
+        assert data.train.pad_fill == (expected or "black")
+        if expected is None:
+            assert data.train.fill is None
+        else:  # the training split's mean, as a pixel
+            mean = data.train.images.double().mean() / 255
+            assert data.train.fill.tolist() == [int((mean * 255).round())]
+    with pytest.raises(UsageError, match="--pad-fill: invalid choice: 'grey'"):
+        parse_args([*QUICK, "--pad-fill", "grey"])

@@ -1,7 +1,7 @@
 """Fidelity check: ``bwrf-train --method lsq`` against an independent LSQ loop, same budget.
 
-Usage: ``python -m benchmarks.accuracy.lsq_fidelity [--bits 2 4] [--seeds 0] [--init-from PATH]
-[--parallel 2] [--threads 1]``.
+Usage: ``python -m benchmarks.accuracy.lsq_fidelity [--bits 2 4] [--seeds 0] [--pad black|mean]
+[--init-from PATH] [--parallel 2] [--threads 1]``.
 
 Side by side, for each bit width and seed: one epoch of ``bwrf-train --method lsq`` (ResNet-20,
 CIFAR-10 JPEG copy, first/last layer 8-bit, SGD lr 0.01 cosine, batch 128, from the akamaster
@@ -9,8 +9,11 @@ FP weights by default), and one epoch of the plain-PyTorch LSQ below, written fr
 (Esser et al. 2020) and importing none of bwrf_ext's quantizers, data pipeline or training loop
 (only the ResNet-20 definition and the weight-file reader). It prints both test accuracies and
 their difference, and writes
-``benchmarks/results/accuracy/lsq_fidelity_<start>_init-<init>[_ep<n>]_<device>.md`` and ``.json``,
-keeping the pairs of earlier calls with other bits or seeds (a table grows seed by seed).
+``benchmarks/results/accuracy/lsq_fidelity_<start>_init-<init>[_ep<n>]_pad-<pad>_<device>.md``
+and ``.json``, keeping the pairs of earlier calls with other bits or seeds (a table grows seed
+by seed). Both sides pad their random crops alike (``--pad``): the first tables (no ``_pad-``)
+padded the independent loop's crops grey and bwrf-train's black, which alone was worth 0.2
+points at W4A4.
 A library whose LSQ trails this loop by more than the seeds' spread has a bug: that is how the
 ATen clip test and the eval-mode calibration were found (issue 16).
 
@@ -237,7 +240,7 @@ def _independent_job(bits: int, seed: int, args: argparse.Namespace) -> dict:
 
 
 def _independent_dir(bits: int, seed: int, args: argparse.Namespace) -> Path:
-    pad = "" if args.pad == "grey" else f"_pad{args.pad}"
+    pad = "" if args.pad == "mean" else f"_pad{args.pad}"  # "mean": the first runs' grey
     return RUNS / f"paper{pad}_w{bits}a{bits}" / f"seed{seed}"
 
 
@@ -259,9 +262,9 @@ def main(argv: list[str] | None = None) -> None:
         "so lsq compares like with like",
     )  # fmt: skip
     parser.add_argument(
-        "--pad", default="grey", choices=("grey", "black"),
-        help="the independent loop's crop padding: zeros after normalising (mean grey) or "
-        "black pixels before (as bwrf-train pads)",
+        "--pad", default="black", choices=("black", "mean"),
+        help="both sides' crop border: black pixels (bwrf-train's default) or the mean "
+        "(bwrf-train --pad-fill mean; the independent loop pads the normalised image with 0)",
     )  # fmt: skip
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
@@ -292,9 +295,10 @@ def main(argv: list[str] | None = None) -> None:
                        "--data-dir", str(data_dir), "--init-from", args.init_from,
                        "--w-bits", str(bits), "--a-bits", str(bits), "--epochs", str(args.epochs),
                        "--lr", "0.01", "--seed", str(seed),
-                       "--step-init", args.step_init]  # fmt: skip
+                       "--step-init", args.step_init, "--pad-fill", args.pad]  # fmt: skip
             extra = [f"--threads={args.threads}"] if args.threads else []
-            name = f"ours_{tag}_init-{args.step_init}_w{bits}a{bits}_seed{seed}"
+            pad = "_padmean" if args.pad == "mean" else ""
+            name = f"ours_{tag}_init-{args.step_init}{pad}_w{bits}a{bits}_seed{seed}"
             jobs.append(("ours", bits, seed, (name, "fidelity", options, extra, True)))
             jobs.append(("paper", bits, seed, None))
     with ThreadPoolExecutor(args.parallel) as pool:
@@ -308,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         table.setdefault(bits, {}).setdefault(kind, {})[seed] = acc
     device = describe_device(torch.device("cpu"))[0]
     epochs = "" if args.epochs == 1 else f"_ep{args.epochs}"
-    pad = "" if args.pad == "grey" else f"_pad-{args.pad}"
+    pad = f"_pad-{args.pad}"
     stem = RESULTS_DIR / f"lsq_fidelity_{tag}_init-{args.step_init}{epochs}{pad}_{device}"
     # The table grows run by run: pairs of earlier calls (other bits or seeds) are kept, this
     # call's results replace theirs.
@@ -324,9 +328,11 @@ def main(argv: list[str] | None = None) -> None:
         f"ResNet-20 from `{args.init_from.replace(str(default_shared_dir()), '../shared')}`, "
         f"CIFAR-10 JPEG-q75 copy, {args.epochs} epoch(s), SGD lr 0.01 cosine, batch 128, "
         f"first/last layer 8-bit; bwrf-train with `--step-init {args.step_init}`, the "
-        "independent loop with the paper's init and crops padded "
-        f"{'black (as bwrf-train pads)' if args.pad == 'black' else 'mean grey'}; written by "
-        f"`python -m benchmarks.accuracy.lsq_fidelity{' --pad black' * (args.pad == 'black')}`.",
+        "independent loop with the paper's init; crops padded "
+        + ("black on both sides" if args.pad == "black" else
+           "with the mean (bwrf-train `--pad-fill mean`, the independent loop zeros after "
+           "normalising)")
+        + f"; written by `python -m benchmarks.accuracy.lsq_fidelity --pad {args.pad}`.",
         "",
         "| bits | seeds | bwrf-train LSQ (%) | independent LSQ (%) | ours − independent |"
         " per seed (ours / independent) |",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bwrf_ext.data import AUGMENTS, DATASETS, GRAYSCALE_DATASETS
+from bwrf_ext.data import AUGMENTS, DATASETS, GRAYSCALE_DATASETS, PAD_FILLS
 from bwrf_ext.nn.quantizer import CLIP_TESTS, DEFAULT_INIT, INIT_METHODS
 from bwrf_ext.train import distributed
 from bwrf_ext.train.errors import UsageError
@@ -66,6 +66,7 @@ class RunConfig:
     data_dir: str | None
     download: bool
     augment: str
+    pad_fill: str
     normalization: str
     train_subset: int | None
     test_subset: int | None
@@ -329,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", default=None, help="where the data set lies")
     data.add_argument("--download", action="store_true", help="fetch CIFAR / Fashion-MNIST")
     data.add_argument("--augment", default="auto", help=f"auto or one of {', '.join(AUGMENTS)}")
+    data.add_argument(
+        "--pad-fill", default="black", choices=PAD_FILLS,
+        help="the random crops' border: black pixels (torchvision's RandomCrop) or the "
+        "normalisation's mean pixel (about 0 once normalised)",
+    )  # fmt: skip
     data.add_argument(
         "--normalization", default="auto", choices=("auto", "dataset", "imagenet"),
         help="auto: as the --init-from weights were trained (akamaster: imagenet), else dataset",
