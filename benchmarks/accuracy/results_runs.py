@@ -171,6 +171,11 @@ def suites() -> dict[str, Suite]:
                                           options=("--step-init", init), variants={"lsq": LSQ})
             for init in ("lsq", "absmax", "mse")
         },
+        # The crops' border (issue 16's fidelity study): the cifar10 suite's runs, the same FP
+        # start, with --pad-fill mean instead of the default black.
+        "cifar10-padmean": Suite(f"{CIFAR10_LABEL}, crops padded with the mean", fine_tuned,
+                                 resnet20, akamaster_fp, 0.01, 1, fp_suite="cifar10",
+                                 options=("--pad-fill", "mean")),  # fmt: skip
         **{  # one row over 4 epochs from the cifar10 FP run: does the 1-epoch difference last?
             f"cifar10-w{b}a{b}-4ep": Suite(CIFAR10_LABEL, fine_tuned, resnet20, akamaster_fp,
                                            0.01, 4, bits=((b, b),), fp_suite="cifar10")
