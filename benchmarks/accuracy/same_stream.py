@@ -76,8 +76,8 @@ def _kd_pair(seed: int, shared) -> Pair:
     config = parse_args([
         "--dataset", "cifar10", "--data-dir", str(shared / "data" / "cifar10_jpeg_q75"),
         "--model", "resnet20", "--method", "blockkd", "--branches", "none", "--teacher-from",
-        teacher_path, "--normalization", "imagenet", "--lr", "0.1", "--seed", str(seed),
-        "--out", "runs/same_stream", "--threads", "1",
+        teacher_path, "--normalization", "imagenet", "--lr", "0.1", "--epochs", "1", "--seed",
+        str(seed), "--out", "runs/same_stream", "--threads", "1",
     ])  # fmt: skip
     built = build.build(config, distributed.setup(config.device), None)
     teacher = cifar_resnet(56, num_classes=10)
@@ -99,8 +99,8 @@ def _lsq_pair(seed: int, bits: int, shared) -> Pair:
     config = parse_args([
         "--dataset", "cifar10", "--data-dir", str(shared / "data" / "cifar10_jpeg_q75"),
         "--model", "resnet20", "--method", "lsq", "--init-from", init_from, "--w-bits",
-        str(bits), "--a-bits", str(bits), "--step-init", "lsq", "--lr", "0.01", "--seed",
-        str(seed), "--out", "runs/same_stream", "--threads", "1",
+        str(bits), "--a-bits", str(bits), "--step-init", "lsq", "--lr", "0.01", "--epochs", "1",
+        "--seed", str(seed), "--out", "runs/same_stream", "--threads", "1",
     ])  # fmt: skip
     built = build.build(config, distributed.setup(config.device), None)
     independent = cifar_resnet(20, num_classes=10)
@@ -129,8 +129,8 @@ def _accuracy(net: nn.Module, test_loader) -> float:
 def trajectories(
     method: str = "kd", steps: int = 12, seed: int = 0, bits: int = 4, evaluate: bool = False
 ) -> tuple[list[dict[str, float]], dict[str, float]]:
-    """(per step: both loops' losses and the two relative weight distances; the three test
-    accuracies after the last step, empty unless ``evaluate``), see the module."""
+    """(per step: both loops' losses, our rate and the two relative weight distances; the
+    three test accuracies after the last step, empty unless ``evaluate``), see the module."""
     torch.set_num_threads(1)
     shared = default_shared_dir()
     pair = _kd_pair(seed, shared) if method == "kd" else _lsq_pair(seed, bits, shared)
@@ -143,7 +143,8 @@ def trajectories(
     with torch.no_grad():
         for p in perturbed.parameters():
             p.mul_(1 + 3e-8 * torch.randn(p.shape, generator=generator))
-    loops = [(net, cosine_sgd(net.parameters(), config.lr, len(loader)))
+    # Both schedules decay to 0 over one epoch (config.epochs is 1), as the measured runs do.
+    loops = [(net, cosine_sgd(net.parameters(), config.lr, config.epochs * len(loader)))
              for net in (independent, perturbed)]  # fmt: skip
 
     ours.trainable.train()
@@ -153,11 +154,12 @@ def trajectories(
     rows = []
     for x, y in itertools.islice(loader, steps):
         optimizer.zero_grad(set_to_none=True)
+        lr_ours = scheduler.get_last_lr()[0]
         loss_ours = ours.step(ours.trainable, x, y, no_autocast)["loss"]
         optimizer.step()
         scheduler.step()
         losses = [step(pair.loss(net(x), x, y)) for net, step in loops]
-        rows.append({"loss_ours": loss_ours, "loss_independent": losses[0],
+        rows.append({"loss_ours": loss_ours, "loss_independent": losses[0], "lr_ours": lr_ours,
                      "ours_vs_independent": distance(ours.model, independent),
                      "independent_vs_perturbed": distance(independent, perturbed)})  # fmt: skip
     accuracies = {}

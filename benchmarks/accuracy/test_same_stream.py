@@ -3,6 +3,8 @@ step of bwrf-train's plain KD, and of its LSQ, is the independent loop's step)."
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from benchmarks.accuracy import same_stream
@@ -18,3 +20,7 @@ def test_first_step_is_the_independent_step(method):
     # One update apart: only float rounding separates the two loops' weights.
     assert first["ours_vs_independent"] < 1e-6
     assert second["loss_ours"] == pytest.approx(second["loss_independent"], rel=1e-4)
+    # bwrf-train's rate follows the independent loop's cosine over one epoch of 390 steps (a
+    # run left at the default 10 epochs would decay ten times slower and not compare).
+    lr = 0.1 if method == "kd" else 0.01
+    assert second["lr_ours"] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi / 390)), rel=1e-9)
