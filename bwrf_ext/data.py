@@ -258,6 +258,7 @@ class InMemoryLoader:
         self.epoch = 0
         home = self.device if _fits(dataset.images, self.device) else torch.device("cpu")
         self.images = dataset.images.to(home)
+        self.fill = None if dataset.fill is None else dataset.fill.to(home)  # moved once
         self.labels = dataset.labels  # indexed on CPU, where the order is: one small copy
         self.mean = dataset.mean.to(self.device)
         self.std = dataset.std.to(self.device)
@@ -311,7 +312,7 @@ class InMemoryLoader:
         else:
             # Drawn for the whole global batch; this process keeps its columns.
             dy, dx, flip = self.draws(k, global_size)[:, self.rank :: self.world_size]
-            images = crop_flip(self.images, index, dy, dx, flip, self.padding, self.dataset.fill)
+            images = crop_flip(self.images, index, dy, dx, flip, self.padding, self.fill)
         x = normalize(
             images.to(self.device, non_blocking=True), self.mean, self.std, self.dataset.rgb
         )
