@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.accuracy.lsq_fidelity import augment, cosine_sgd, load_cifar10_jpeg, normalize
+from benchmarks.accuracy.lsq_fidelity import cosine_sgd, crop_batches, load_cifar10_jpeg, normalize
 from bwrf_ext.models.cifar_resnet import cifar_resnet  # the architecture only
 from bwrf_ext.models.pretrained import akamaster_weights_path, default_shared_dir
 from bwrf_ext.train.checkpoint import fp_weights, load_into  # reads the weight file only
@@ -98,7 +98,7 @@ def train(method: str, seed: int, epochs: int, lr: float, ensemble: bool,
     step = cosine_sgd(trained, lr, epochs * (n // BATCH))
     stone_weights = [1 / 4, 1 / 2, 1.0]
     g = torch.Generator().manual_seed(seed)
-    x_train = None if pad_black else normalize(data["train_x"])
+    batch = crop_batches(data["train_x"], pad_black)
     x_test = normalize(data["test_x"])
     started, history = time.perf_counter(), []
     for epoch in range(epochs):
@@ -107,10 +107,7 @@ def train(method: str, seed: int, epochs: int, lr: float, ensemble: bool,
         order, total = torch.randperm(n, generator=g), 0.0
         for start in range(0, n - BATCH + 1, BATCH):
             index = order[start : start + BATCH]
-            if pad_black:  # pad the image with black, then normalise (as the teacher trained)
-                x = normalize(augment(data["train_x"][index], g))
-            else:  # pad the normalised image with zeros (mean grey)
-                x = augment(x_train[index], g)
+            x = batch(index, g)
             y = data["train_y"][index]
             if method == "ce":
                 loss = F.cross_entropy(student(x), y)

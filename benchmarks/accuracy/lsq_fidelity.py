@@ -179,13 +179,24 @@ def augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return crops
 
 
+def crop_batches(
+    images: torch.Tensor, pad_black: bool
+) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """``batch(index, g)``: the augmented, normalised training images at ``index``. The crops
+    pad the normalised image with zeros (mean grey), or with ``pad_black`` the uint8 image with
+    black before normalising (as bwrf-train and the akamaster training pad)."""
+    if pad_black:
+        return lambda index, g: normalize(augment(images[index], g))
+    normalized = normalize(images)  # once: grey padding crops the normalised set
+    return lambda index, g: augment(normalized[index], g)
+
+
 def independent_run(
     bits: int, seed: int, init_from: str, data_dir: Path, epochs: int = 1, lr: float = 0.01,
     batch_size: int = 128, pad_black: bool = False,
 ) -> dict:  # fmt: skip
     """Trains ResNet-20 LSQ W<bits>A<bits> with plain PyTorch; returns its test accuracy.
-    The crops pad the normalised image with zeros (mean grey), or with ``pad_black`` the image
-    with black before normalising (as bwrf-train and the akamaster training pad)."""
+    ``pad_black``: the crops' border, see :func:`crop_batches`."""
     from bwrf_ext.models.cifar_resnet import cifar_resnet  # the architecture only
     from bwrf_ext.train.checkpoint import fp_weights, load_into  # reads the weight file only
 
@@ -198,15 +209,14 @@ def independent_run(
     paper_quantize(model, bits)
     model.train()  # the step sizes start on the first training batch, in its forward
     g = torch.Generator().manual_seed(seed)
-    x_train = data["train_x"] if pad_black else normalize(data["train_x"])
-    step = cosine_sgd(model.parameters(), lr, epochs * (len(x_train) // batch_size))
+    batch = crop_batches(data["train_x"], pad_black)
+    n = len(data["train_y"])
+    step = cosine_sgd(model.parameters(), lr, epochs * (n // batch_size))
     for _ in range(epochs):
-        order = torch.randperm(len(x_train), generator=g)
+        order = torch.randperm(n, generator=g)
         for start in range(0, len(order) - batch_size + 1, batch_size):
             index = order[start:start + batch_size]
-            x = augment(x_train[index], g)
-            x = normalize(x) if pad_black else x
-            step(F.cross_entropy(model(x), data["train_y"][index]))
+            step(F.cross_entropy(model(batch(index, g)), data["train_y"][index]))
     model.eval()
     correct = 0
     with torch.no_grad():

@@ -186,8 +186,7 @@ def _data(config: RunConfig, dist: distributed.Distributed, normalization: str) 
         data = load_image_data(
             config.dataset, config.data_dir, download=config.download and dist.is_main,
             augment=config.augment, pad_fill=config.pad_fill, normalization=normalization,
-            seed=config.seed,
-            rgb=needs_rgb(config.model), image_size=config.image_size,
+            seed=config.seed, rgb=needs_rgb(config.model), image_size=config.image_size,
         )  # fmt: skip
     except DataError:
         raise
